@@ -1,0 +1,29 @@
+# Fresh-machine setup: `make venv` creates .venv with a CPU torch and pinned libraries.
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+
+.PHONY: venv test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the local CPU wheel; a bare `torch` requirement would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) examples/quickstart_tiny.py
+
+bench: venv
+	$(PY) benchmarks/foundation.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,337 @@
+"""Spectral-shift layers: the math of SVDiff in one place.
+
+For a weight W = U diag(σ) Vᵀ and active adapters i with shifts δᵢ and scales wᵢ, the layer applies
+
+    W_δ = W + U · diag(ReLU(σ + Σᵢ wᵢ δᵢ) − σ) · Vᵀ            (delta form)
+
+The combination happens inside the ReLU, as in the paper. δ = 0 gives ΔW = 0 exactly, so W_δ = W bit for bit.
+1-D norm weights in "elementwise" mode use γ + Σᵢ wᵢ δᵢ instead.
+
+Inference reuses the effective weight until δ, the scales, the active set, the base weight or its device/dtype
+change; the forward pass then costs exactly one call of the base operation. Training recomposes it each step with a
+custom autograd function whose backward is dL/dΔσⱼ = uⱼᵀ G vⱼ.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..svd import SpectralFactors
+
+
+FACTOR_BUFFERS = ("spectral_U", "spectral_S", "spectral_Vh")
+
+
+class _SpectralDeltaWeight(torch.autograd.Function):
+    """ΔW = U · diag(change) · Vh with a backward that never forms a k × k or extra m × n tensor."""
+
+    @staticmethod
+    def forward(ctx, U: torch.Tensor, Vh: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(U, Vh)
+        return (U.to(change.dtype) * change) @ Vh.to(change.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_delta: torch.Tensor):
+        U, Vh = ctx.saved_tensors
+        grad_delta = grad_delta.to(torch.float32)
+        U, Vh = U.to(grad_delta.dtype), Vh.to(grad_delta.dtype)
+        # diag(Uᵀ G V), through whichever intermediate (k × n or m × k) is smaller.
+        if U.shape[0] >= Vh.shape[1]:
+            grad_change = ((U.T @ grad_delta) * Vh).sum(dim=1)
+        else:
+            grad_change = ((grad_delta @ Vh.T) * U).sum(dim=0)
+        return None, None, grad_change
+
+
+def module_kind(module: nn.Module) -> Optional[str]:
+    """The kind of a raw torch module as named in `SpectralShiftConfig.target_kinds`, or None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and getattr(module, "weight", None) is not None:
+        return "norm"
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why a module of a supported kind cannot be shifted, or None."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"Conv2d with groups={module.groups} (only groups=1 kernels have one matrix to decompose)"
+    return None
+
+
+def uses_factors(kind: str, norm_mode: str) -> bool:
+    """Elementwise norm shifts need no SVD; every other shift does."""
+    return not (kind == "norm" and norm_mode == "elementwise")
+
+
+class SpectralShiftLayer(nn.Module, BaseTunerLayer):
+    """Base of all spectral-shift layers; subclasses only say how to run the base op with a given weight.
+
+    It is an `nn.Module` itself (ahead of PEFT's mixin) so that its `forward` and `_apply` are the ones used.
+    """
+
+    adapter_layer_names = ("spectral_delta",)
+    other_param_names = ("spectral_scaling",)
+
+    def __init__(self, base_layer: nn.Module, factors: Optional[SpectralFactors]) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.spectral_delta = nn.ParameterDict()
+        self.spectral_scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: list[str] = []
+        # (original weight tensor, combined shift baked into the merged weight)
+        self._spectral_merge: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # (cache key, effective weight) for inference
+        self._spectral_cache: Optional[tuple[Any, torch.Tensor]] = None
+        for name in FACTOR_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        if factors is not None:
+            weight = base_layer.weight
+            self.spectral_U = factors.U.to(weight.device)
+            self.spectral_S = factors.S.to(weight.device)
+            self.spectral_Vh = factors.Vh.to(weight.device)
+
+    # ----------------------------------------------------------------------------------------------- adapters
+    @property
+    def uses_factors(self) -> bool:
+        return self.spectral_S is not None
+
+    @property
+    def shift_size(self) -> int:
+        """Number of shift values: k = min(m, n) singular values, or C elements of a norm weight."""
+        if self.uses_factors:
+            return self.spectral_S.numel()
+        return self.base_layer.weight.numel()
+
+    def update_layer(self, adapter_name: str, init_scale: float = 0.0, **kwargs) -> None:
+        if adapter_name in self.spectral_delta:
+            raise ValueError(f"Adapter name {adapter_name!r} is already in use on this layer.")
+        weight = self.base_layer.weight
+        delta = torch.zeros(self.shift_size, dtype=torch.float32, device=weight.device)
+        if init_scale > 0:
+            delta.normal_(0.0, init_scale)
+        self.spectral_delta[adapter_name] = nn.Parameter(delta)
+        self.spectral_scaling[adapter_name] = 1.0
+        self._spectral_cache = None
+        self.set_adapter(self.active_adapters)
+
+    def _spectral_active(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.spectral_delta]
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set the weight wᵢ of one adapter (diffusers' `set_adapters` calls this on every layer)."""
+        if adapter in self.spectral_scaling:
+            self.spectral_scaling[adapter] = float(scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the weights of the active adapters (diffusers' `cross_attention_kwargs={"scale": s}`)."""
+        if scale == 1:
+            return
+        for adapter in self._spectral_active():
+            self.spectral_scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo `scale_layer(scale)`; `None` resets the active adapters' weights to 1."""
+        for adapter in self._spectral_active():
+            if scale is None:
+                self.spectral_scaling[adapter] = 1.0
+            elif scale != 0:
+                self.spectral_scaling[adapter] /= scale
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge it first.")
+        super().delete_adapter(adapter_name)
+        self._spectral_cache = None
+
+    # ------------------------------------------------------------------------------------------------- math
+    def combined_shift(self, adapter_names: list[str]) -> torch.Tensor:
+        """Σᵢ wᵢ δᵢ over the given adapters (float32), the quantity that enters the ReLU."""
+        shift = None
+        for name in adapter_names:
+            term = self.spectral_delta[name].to(torch.float32) * self.spectral_scaling[name]
+            shift = term if shift is None else shift + term
+        if shift is None:
+            return torch.zeros(self.shift_size, dtype=torch.float32, device=self.base_layer.weight.device)
+        return shift
+
+    def delta_from_shift(self, shift: torch.Tensor) -> torch.Tensor:
+        """ΔW (float32, the weight's shape) for a combined shift; differentiable w.r.t. the shift."""
+        weight_shape = self.base_layer.weight.shape
+        if not self.uses_factors:
+            return shift.reshape(weight_shape)
+        change = torch.relu(self.spectral_S + shift) - self.spectral_S
+        return _SpectralDeltaWeight.apply(self.spectral_U, self.spectral_Vh, change).reshape(weight_shape)
+
+    def weight_with_shift(self, base_weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """W + ΔW in the base weight's dtype."""
+        delta = self.delta_from_shift(shift)
+        if base_weight.dtype == torch.float32:
+            return base_weight + delta
+        return (base_weight.to(torch.float32) + delta).to(base_weight.dtype)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW of one adapter alone at its current scale (float32, the weight's shape)."""
+        with torch.no_grad():
+            return self.delta_from_shift(self.combined_shift([adapter]))
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_δ for the active adapters: cached for inference, recomposed when gradients are needed."""
+        weight = self.base_layer.weight
+        names = self._spectral_active()
+        needs_grad = torch.is_grad_enabled() and (
+            weight.requires_grad or any(self.spectral_delta[n].requires_grad for n in names)
+        )
+        if needs_grad:
+            self._spectral_cache = None
+            return self.weight_with_shift(weight, self.combined_shift(names))
+        key = (
+            tuple((n, self.spectral_scaling[n], self.spectral_delta[n]._version, self.spectral_delta[n].data_ptr())
+                  for n in names),
+            weight.data_ptr(), weight._version, weight.device, weight.dtype,
+        )
+        if self._spectral_cache is None or self._spectral_cache[0] != key:
+            self._spectral_cache = None  # free the old weight before building the new one
+            with torch.no_grad():
+                self._spectral_cache = (key, self.weight_with_shift(weight, self.combined_shift(names)))
+        return self._spectral_cache[1]
+
+    def reset_spectral_cache(self) -> None:
+        """Drop the cached effective weight (needed only after editing the base weight's `.data` in place)."""
+        self._spectral_cache = None
+
+    # ---------------------------------------------------------------------------------------- merge / unmerge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write W_δ of the given (default: active) adapters into the base weight; `unmerge` restores it exactly.
+
+        Adapters merged later join the ones already merged inside the same ReLU.
+        """
+        # Any tuner's merge may have changed the shared base weight: drop our cached effective weight.
+        self._spectral_cache = None
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.spectral_delta]
+        if not names:
+            return
+        all_names = self.merged_adapters + names
+        original = self._spectral_merge[0] if self._spectral_merge else self.base_layer.weight.data
+        with torch.no_grad():
+            shift = self.combined_shift(all_names).detach().clone()
+            merged = self.weight_with_shift(original, shift)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs detected in the merged weights; adapters {names} were not merged.")
+        self.base_layer.weight.data = merged
+        self._spectral_merge = (original, shift)
+        self.merged_adapters = all_names
+
+    def unmerge(self) -> None:
+        """Restore the weight from before the first merge, bit for bit.
+
+        If another tuner (e.g. a fused LoRA) changed the weight while ours was merged, its change is carried over.
+        """
+        self._spectral_cache = None
+        if self._spectral_merge is None:
+            return
+        original, shift = self._spectral_merge
+        current = self.base_layer.weight.data
+        with torch.no_grad():
+            expected = self.weight_with_shift(original, shift)
+            if torch.equal(current, expected):
+                restored = original
+            else:
+                restored = (original.to(torch.float32) + (current.to(torch.float32) - expected.to(torch.float32)))
+                restored = restored.to(original.dtype)
+        self.base_layer.weight.data = restored
+        self._spectral_merge = None
+        self.merged_adapters = []
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def run_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base module's operation with another weight (subclasses)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged or not self._spectral_active():
+            return self.base_layer(x, *args, **kwargs)
+        return self.run_base(x, self.effective_weight())
+
+    def _apply(self, fn, recurse=True):
+        # Factors follow device moves but keep their storage dtype: `.half()`/`.to(bf16)` would throw away precision
+        # and `.float()` would double their memory. Probe the target device with an empty tensor.
+        factors = {name: self._buffers[name] for name in FACTOR_BUFFERS if self._buffers.get(name) is not None}
+        for name in factors:
+            self._buffers[name] = None
+        result = super()._apply(fn, recurse)
+        for name, tensor in factors.items():
+            device = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
+            self._buffers[name] = tensor.to(device)
+        self._spectral_cache = None
+        return result
+
+
+class Linear(SpectralShiftLayer):
+    def run_base(self, x, weight):
+        return F.linear(x, weight, self.base_layer.bias)
+
+
+class Conv2d(SpectralShiftLayer):
+    def run_base(self, x, weight):
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+
+class Embedding(SpectralShiftLayer):
+    def run_base(self, x, weight):
+        base = self.base_layer
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+
+class LayerNorm(SpectralShiftLayer):
+    def run_base(self, x, weight):
+        base = self.base_layer
+        return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
+
+
+class GroupNorm(SpectralShiftLayer):
+    def run_base(self, x, weight):
+        base = self.base_layer
+        return F.group_norm(x, base.num_groups, weight, base.bias, base.eps)
+
+
+LAYER_CLASSES = {
+    nn.Linear: Linear,
+    nn.Conv2d: Conv2d,
+    nn.Embedding: Embedding,
+    nn.LayerNorm: LayerNorm,
+    nn.GroupNorm: GroupNorm,
+}
+
+
+def layer_class_for(module: nn.Module) -> type[SpectralShiftLayer]:
+    for base_type, layer_cls in LAYER_CLASSES.items():
+        if isinstance(module, base_type):
+            return layer_cls
+    raise TypeError(f"Spectral shifts do not support modules of type {type(module).__name__}.")
+
+
+def find_spectral_layer(module: nn.Module) -> Optional[SpectralShiftLayer]:
+    """The spectral layer in a chain of tuner layers (another tuner such as LoRA may wrap ours), or None."""
+    while module is not None:
+        if isinstance(module, SpectralShiftLayer):
+            return module
+        module = getattr(module, "base_layer", None)
+    return None
+

@@ -1,0 +1,355 @@
+"""The spectral-shift math against an independent reference: W_δ recomputed by hand from torch.linalg.svd."""
+
+import warnings
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from torch import nn
+
+from svdiff_adapter import SpectralShiftConfig, SpectralShiftLayer, add_spectral_shift, unload_spectral_shift
+from svdiff_adapter.tuner import spectral_layers
+from svdiff_adapter.tuner.layer import find_spectral_layer
+
+from .tiny_models import Mixed, assert_unchanged, mixed_inputs, state_snapshot
+
+
+ALL_KINDS = ["linear", "conv2d", "embedding", "norm"]
+
+
+def reference_weight(weight, shift, norm_mode="matrix"):
+    """U·diag(ReLU(σ + shift))·Vᵀ in float64 from a fresh SVD (γ + shift for elementwise norms)."""
+    if norm_mode == "elementwise":
+        return weight.double() + shift.double().reshape(weight.shape)
+    matrix = weight.double().reshape(1, -1) if weight.ndim == 1 else weight.double().reshape(weight.shape[0], -1)
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (U @ torch.diag(torch.relu(S + shift.double())) @ Vh).reshape(weight.shape)
+
+
+def reference_forward(raw, x, weight):
+    weight = weight.to(raw.weight.dtype)
+    if isinstance(raw, nn.Linear):
+        return F.linear(x, weight, raw.bias)
+    if isinstance(raw, nn.Conv2d):
+        return F.conv2d(x, weight, raw.bias, raw.stride, raw.padding, raw.dilation)
+    if isinstance(raw, nn.Embedding):
+        return F.embedding(x, weight)
+    if isinstance(raw, nn.LayerNorm):
+        return F.layer_norm(x, raw.normalized_shape, weight, raw.bias, raw.eps)
+    return F.group_norm(x, raw.num_groups, weight, raw.bias, raw.eps)
+
+
+def module_inputs():
+    generator = torch.Generator().manual_seed(5)
+    return {
+        "embed": torch.randint(0, 50, (2, 16), generator=generator),
+        "proj": torch.randn(2, 16, 12, generator=generator),
+        "norm": torch.randn(2, 16, 24, generator=generator),
+        "conv3": torch.randn(2, 6, 8, 8, generator=generator),
+        "conv1": torch.randn(2, 10, 4, 4, generator=generator),
+        "group_norm": torch.randn(2, 6, 4, 4, generator=generator),
+    }
+
+
+def set_shift(layer, adapter, values):
+    with torch.no_grad():
+        layer.spectral_delta[adapter].copy_(values)
+
+
+def random_shift(layer, scale=0.5, clip_fraction=0.25, seed=0):
+    """Random shifts where some singular values are pushed below zero, so the ReLU clips."""
+    generator = torch.Generator().manual_seed(seed)
+    size = layer.shift_size
+    base = layer.spectral_S if layer.uses_factors else torch.ones(size)
+    shift = torch.randn(size, generator=generator) * scale * base.mean()
+    clipped = torch.rand(size, generator=generator) < clip_fraction
+    return torch.where(clipped, -2.0 * base, shift)
+
+
+@pytest.mark.parametrize("norm_mode", ["elementwise", "scalar"])
+def test_every_module_kind_matches_hand_computed_svd(norm_mode):
+    model = Mixed()
+    add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS, norm_mode=norm_mode), "a", svd_cache=False)
+    inputs = module_inputs()
+    for index, (name, layer) in enumerate(spectral_layers(model)):
+        shift = random_shift(layer, seed=index)
+        set_shift(layer, "a", shift)
+        mode = "elementwise" if not layer.uses_factors else "matrix"
+        expected = reference_forward(layer.base_layer, inputs[name], reference_weight(layer.base_layer.weight, shift, mode))
+        with torch.no_grad():
+            actual = layer(inputs[name])
+        # float16 factors: the error scales with the size of the change, not of W.
+        tolerance = 2e-3 * float(shift.abs().max()) * max(1.0, float(inputs[name].float().abs().max()))
+        assert (actual.double() - expected.double()).abs().max() <= tolerance, name
+    if norm_mode == "scalar":
+        norm = find_spectral_layer(model.norm)
+        assert norm.shift_size == 1
+        gamma = norm.base_layer.weight.detach().double()
+        shift = float(norm.spectral_delta["a"])
+        expected = gamma * max(0.0, gamma.norm().item() + shift) / gamma.norm()  # svdiff-pytorch's norm formula
+        assert torch.allclose(norm.effective_weight().double(), expected, atol=1e-5)
+
+
+def test_zero_shift_reproduces_base_bit_exactly():
+    model = Mixed()
+    x = mixed_inputs()
+    with torch.no_grad():
+        base = model(x)
+    add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS), "a", svd_cache=False)
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    model.train()
+    assert torch.equal(model(x).detach(), base)  # training path too
+
+
+def _two_adapters():
+    model = Mixed()
+    config = SpectralShiftConfig(target_modules=["proj"])
+    add_spectral_shift(model, config, "dog", svd_cache=False)
+    add_spectral_shift(model, config, "cat", svd_cache=False)
+    layer = find_spectral_layer(model.proj)
+    dog, cat = random_shift(layer, seed=1), random_shift(layer, seed=2)
+    # Make sure the ReLU clips where one adapter pulls a value below zero and the other pushes it back.
+    dog[:4] = -1.5 * layer.spectral_S[:4]
+    cat[:4] = 1.0 * layer.spectral_S[:4]
+    set_shift(layer, "dog", dog)
+    set_shift(layer, "cat", cat)
+    return model, layer, dog, cat
+
+
+@pytest.mark.parametrize("weights", [(0.3, 0.7), (1.0, 1.0), (0.5, 0.5)])
+def test_composition_happens_inside_the_relu(weights):
+    model, layer, dog, cat = _two_adapters()
+    a, b = weights
+    model.set_adapter(["dog", "cat"]) if hasattr(model, "set_adapter") else None
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    layer.set_scale("dog", a)
+    layer.set_scale("cat", b)
+    x = module_inputs()["proj"]
+    W = layer.base_layer.weight
+    paper = reference_forward(layer.base_layer, x, reference_weight(W, a * dog + b * cat))
+    with torch.no_grad():
+        ours = layer(x)
+    assert (ours.double() - paper.double()).abs().max() < 2e-3 * float((a * dog + b * cat).abs().max())
+    # LoRA-style: weighted sum of the per-adapter outputs (combination outside the ReLU) differs when it clips.
+    lora_style = (
+        F.linear(x, W, layer.base_layer.bias).double()
+        + a * (reference_forward(layer.base_layer, x, reference_weight(W, dog)) - F.linear(x, W, layer.base_layer.bias)).double()
+        + b * (reference_forward(layer.base_layer, x, reference_weight(W, cat)) - F.linear(x, W, layer.base_layer.bias)).double()
+    )
+    assert (ours.double() - lora_style).abs().max() > 1e-2
+
+
+def test_gradients_match_autograd_on_explicit_recomposition():
+    model, layer, dog, cat = _two_adapters()
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    layer.set_scale("dog", 0.7)
+    layer.set_scale("cat", 0.4)
+    x = module_inputs()["proj"]
+    target = torch.randn(2, 16, 24)
+
+    loss = ((layer(x) - target) ** 2).mean()
+    loss.backward()
+    ours = {name: layer.spectral_delta[name].grad.clone() for name in ("dog", "cat")}
+
+    U, S, Vh = layer.spectral_U.double(), layer.spectral_S.double(), layer.spectral_Vh.double()
+    dog_ref = dog.double().clone().requires_grad_(True)
+    cat_ref = cat.double().clone().requires_grad_(True)
+    change = torch.relu(S + 0.7 * dog_ref + 0.4 * cat_ref) - S
+    weight = layer.base_layer.weight.double() + U @ torch.diag(change) @ Vh
+    ref_loss = ((F.linear(x.double(), weight, layer.base_layer.bias.double()) - target.double()) ** 2).mean()
+    ref_loss.backward()
+    assert torch.allclose(ours["dog"].double(), dog_ref.grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(ours["cat"].double(), cat_ref.grad, rtol=1e-4, atol=1e-7)
+    assert layer.base_layer.weight.grad is None  # base frozen
+
+
+def test_conv_gradients_match_autograd():
+    model = Mixed()
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["conv3"]), "a", svd_cache=False)
+    layer = find_spectral_layer(model.conv3)
+    shift = random_shift(layer)
+    set_shift(layer, "a", shift)
+    x = module_inputs()["conv3"]
+    layer(x).square().mean().backward()
+    U, S, Vh = layer.spectral_U.double(), layer.spectral_S.double(), layer.spectral_Vh.double()
+    ref_shift = shift.double().clone().requires_grad_(True)
+    W = layer.base_layer.weight
+    weight = W.double() + (U @ torch.diag(torch.relu(S + ref_shift) - S) @ Vh).reshape(W.shape)
+    F.conv2d(x.double(), weight, layer.base_layer.bias.double(), 2, 1).square().mean().backward()
+    assert torch.allclose(layer.spectral_delta["a"].grad.double(), ref_shift.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_effective_weight_is_reused_until_something_changes():
+    model, layer, dog, cat = _two_adapters()
+    x = module_inputs()["proj"]
+    with torch.no_grad():
+        layer(x)
+        first = layer.effective_weight()
+        layer(x)
+        assert layer.effective_weight() is first  # no re-composition per call
+        layer.set_scale("cat", 0.5)
+        second = layer.effective_weight()
+        assert second is not first
+        assert layer.effective_weight() is second
+        layer.spectral_delta["cat"].add_(0.1)  # an in-place update (optimizer, load_state_dict, hotswap)
+        third = layer.effective_weight()
+        assert third is not second and not torch.equal(third, second)
+        peft.tuners.tuners_utils.set_adapter(model, ["dog"])
+        assert layer.effective_weight() is not third
+
+
+def test_merge_unmerge_is_exact_over_1000_cycles():
+    model, layer, dog, cat = _two_adapters()
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    x = module_inputs()["proj"]
+    original = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged_out = layer(x)
+    for _ in range(1000):
+        layer.merge()
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+    layer.merge(safe_merge=True)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), unmerged_out, atol=1e-6)
+    assert layer.merged_adapters == ["dog", "cat"]
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+
+
+def test_merge_in_steps_combines_inside_the_relu():
+    model, layer, dog, cat = _two_adapters()
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    x = module_inputs()["proj"]
+    with torch.no_grad():
+        both = layer(x).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge(adapter_names=["dog"])
+        layer.merge(adapter_names=["cat"])
+    with torch.no_grad():
+        assert torch.allclose(layer(x), both, atol=1e-6)
+
+
+def test_unload_restores_modules_and_weights_bit_exactly():
+    model = Mixed()
+    snapshot = state_snapshot(model)
+    add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS), "a", svd_cache=False)
+    for index, (_, layer) in enumerate(spectral_layers(model)):
+        set_shift(layer, "a", random_shift(layer, seed=index))
+    for _, layer in spectral_layers(model):
+        layer.merge()
+    unload_spectral_shift(model)
+    assert_unchanged(model, snapshot)
+    assert not any(isinstance(m, SpectralShiftLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = Mixed().to(dtype)
+    x = mixed_inputs()
+    with torch.no_grad():
+        base = model(x)
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj", "conv3"]), "a", svd_cache=False)
+    layer = find_spectral_layer(model.proj)
+    assert layer.spectral_U.dtype == torch.float16 and layer.spectral_S.dtype == torch.float32
+    assert layer.spectral_delta["a"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    shift = random_shift(layer)
+    set_shift(layer, "a", shift)
+    expected = reference_weight(layer.base_layer.weight.float(), shift)
+    assert (layer.effective_weight().double() - expected).abs().max() < 2e-2 * float(expected.abs().max())
+    with torch.no_grad():
+        assert model(x).dtype == dtype
+
+
+def test_factors_follow_device_moves_but_keep_their_dtype():
+    model = Mixed()
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj"]), "a", svd_cache=False)
+    layer = find_spectral_layer(model.proj)
+    model.to(torch.float64)
+    assert layer.spectral_U.dtype == torch.float16 and layer.spectral_S.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.float64
+    model.to("meta")
+    assert layer.spectral_U.device.type == "meta"
+
+
+def test_factors_are_not_saved_in_state_dicts():
+    model = Mixed()
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj"]), "a", svd_cache=False)
+    assert not any("spectral_U" in key or "spectral_S" in key for key in model.state_dict())
+    assert "proj.spectral_delta.a" in model.state_dict()
+
+
+def test_lora_and_spectral_share_a_module_and_shifts_stay_in_one_layer():
+    model = Mixed()
+    x = module_inputs()["proj"]
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj"]), "dog", svd_cache=False)
+    peft.inject_adapter_in_model(LoraConfig(target_modules=["proj"], r=2, init_lora_weights=False), model, "style")
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj"]), "cat", svd_cache=False)
+    chain = []
+    module = model.proj
+    while module is not None:
+        chain.append(module)
+        module = getattr(module, "base_layer", None)
+    spectral = [m for m in chain if isinstance(m, SpectralShiftLayer)]
+    assert len(spectral) == 1 and set(spectral[0].spectral_delta) == {"dog", "cat"}
+    layer = spectral[0]
+    set_shift(layer, "dog", random_shift(layer, seed=1))
+    set_shift(layer, "cat", random_shift(layer, seed=2))
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat", "style"])
+    lora = model.proj
+    with torch.no_grad():
+        out = model.proj(x)
+        spectral_only = layer(x)
+        lora_term = lora.lora_B["style"](lora.lora_A["style"](x)) * lora.scaling["style"]
+    assert torch.allclose(out, spectral_only + lora_term, atol=1e-5)
+    # Unloading the shifts keeps the LoRA.
+    unload_spectral_shift(model)
+    assert not any(isinstance(m, SpectralShiftLayer) for m in model.modules())
+    assert hasattr(model.proj, "lora_A")
+
+
+def test_spectral_layer_goes_inside_an_existing_lora():
+    model = Mixed()
+    peft.inject_adapter_in_model(LoraConfig(target_modules=["proj"], r=2), model, "style")
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj"]), "dog", svd_cache=False)
+    assert hasattr(model.proj, "lora_A")
+    assert isinstance(model.proj.base_layer, SpectralShiftLayer)
+
+
+def test_grouped_convolution_is_refused_with_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match="groups=2"):
+        add_spectral_shift(model, SpectralShiftConfig(target_modules=["0"]), "a", svd_cache=False)
+    assert_unchanged(model, snapshot)
+    # A catch-all config skips it instead.
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
+    add_spectral_shift(model, SpectralShiftConfig(), "a", svd_cache=False)
+    assert not isinstance(model[0], SpectralShiftLayer) and isinstance(model[1], SpectralShiftLayer)
+
+
+def test_scale_layer_and_unscale_layer():
+    model, layer, dog, cat = _two_adapters()
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    layer.set_scale("dog", 0.5)
+    layer.scale_layer(0.5)
+    assert layer.spectral_scaling == {"dog": 0.25, "cat": 0.5}
+    layer.unscale_layer(0.5)
+    assert layer.spectral_scaling == {"dog": 0.5, "cat": 1.0}
+    layer.unscale_layer()
+    assert layer.spectral_scaling == {"dog": 1.0, "cat": 1.0}
+    layer.set_scale("not-here", 3.0)  # diffusers calls set_scale on every layer with every name
+    assert "not-here" not in layer.spectral_scaling
+
+
+def test_get_delta_weight_matches_reference():
+    model, layer, dog, cat = _two_adapters()
+    W = layer.base_layer.weight
+    expected = reference_weight(W, dog) - W.double()
+    assert (layer.get_delta_weight("dog").double() - expected).abs().max() < 2e-3 * float(dog.abs().max())

@@ -1,0 +1,95 @@
+"""The tuner through PEFT's own generic functions, on tiny diffusers / transformers models."""
+
+import json
+
+import peft
+import pytest
+import torch
+from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+import svdiff_adapter as sa
+from svdiff_adapter import SpectralShiftConfig, SpectralShiftLayer, SpectralShiftModel
+from svdiff_adapter.tuner import SpectralShiftPeftType
+
+from .tiny_models import text_inputs, tiny_text_encoder, tiny_unet, unet_output
+
+
+def test_registered_under_spectral_shift():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    assert PEFT_TYPE_TO_TUNER_MAPPING["SPECTRAL_SHIFT"] is SpectralShiftModel
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SPECTRAL_SHIFT"] is SpectralShiftConfig
+    assert PEFT_TYPE_TO_PREFIX_MAPPING["SPECTRAL_SHIFT"] == "spectral_"
+    config = SpectralShiftConfig()
+    assert config.peft_type.value.lower() == "spectral_shift"  # what transformers and PEFT's hotswap call
+    assert config.peft_type == "SPECTRAL_SHIFT"
+    sa.register_spectral_shift()  # idempotent
+
+
+def test_config_round_trips_through_peft_json(tmp_path):
+    config = SpectralShiftConfig(target_kinds=["linear", "norm"], norm_mode="scalar", target_modules=["to_q"])
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "SPECTRAL_SHIFT"
+    restored = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(restored, SpectralShiftConfig)
+    assert restored.norm_mode == "scalar" and restored.target_modules == {"to_q"}
+    assert restored.peft_type is SpectralShiftPeftType.SPECTRAL_SHIFT
+
+
+@pytest.mark.parametrize("bad", [{"target_kinds": ["linear", "lstm"]}, {"norm_mode": "vector"}, {"init_scale": -1}])
+def test_config_validation_quotes_the_value(bad):
+    with pytest.raises(ValueError, match=str(list(bad.values())[0]).replace("[", r"\[").replace("]", r"\]")):
+        SpectralShiftConfig(**bad)
+
+
+def test_unet_through_inject_get_and_set_state_dict():
+    unet = tiny_unet()
+    base = unet_output(unet)
+    config = SpectralShiftConfig(init_scale=0.05)
+    inject_adapter_in_model(config, unet, adapter_name="dog")
+    layers = [m for m in unet.modules() if isinstance(m, SpectralShiftLayer)]
+    assert layers and all(m.__class__.__name__ in ("Linear", "Conv2d") for m in layers)
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".spectral_delta.dog" in n for n in trainable)
+    shifted = unet_output(unet)
+    assert not torch.equal(shifted, base)
+
+    state = get_peft_model_state_dict(unet, adapter_name="dog")
+    assert state and all(k.endswith(".spectral_delta") for k in state)
+
+    fresh = tiny_unet()
+    inject_adapter_in_model(SpectralShiftConfig(), fresh, adapter_name="dog")
+    assert torch.equal(unet_output(fresh), base)  # δ = 0
+    set_peft_model_state_dict(fresh, state, adapter_name="dog")
+    assert torch.equal(unet_output(fresh), shifted)
+
+
+def test_clip_text_encoder_with_embeddings_and_norms():
+    text_encoder = tiny_text_encoder()
+    ids = text_inputs()
+    with torch.no_grad():
+        base = text_encoder(ids).last_hidden_state
+    config = SpectralShiftConfig(target_kinds=["linear", "embedding", "norm"])
+    inject_adapter_in_model(config, text_encoder, adapter_name="te")
+    kinds = {type(m).__name__ for m in text_encoder.modules() if isinstance(m, SpectralShiftLayer)}
+    assert kinds == {"Linear", "Embedding", "LayerNorm"}
+    token = text_encoder.get_submodule("text_model.embeddings.token_embedding") if hasattr(
+        text_encoder, "text_model") else text_encoder.get_submodule("embeddings.token_embedding")
+    assert token.shift_size == 32
+    with torch.no_grad():
+        assert torch.equal(text_encoder(ids).last_hidden_state, base)
+        token.spectral_delta["te"].fill_(0.3)
+        assert not torch.equal(text_encoder(ids).last_hidden_state, base)
+
+
+def test_get_peft_model_wraps_a_plain_torch_model():
+    from .tiny_models import Mixed, mixed_inputs
+
+    model = peft.get_peft_model(Mixed(), SpectralShiftConfig(target_kinds=["linear", "conv2d"], init_scale=0.1))
+    assert isinstance(model.base_model, SpectralShiftModel)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 12 + 10 + 6  # min(m, n) per matrix: proj 12 (24×12), conv3 10 (10×54), conv1 6 (6×10)
+    model(mixed_inputs()).sum().backward()
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, SpectralShiftLayer) for m in merged.modules())

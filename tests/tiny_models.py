@@ -1,0 +1,89 @@
+"""Tiny models with random weights, built from configs (no downloads)."""
+
+import torch
+from torch import nn
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        sample_size=8,
+    ).eval()
+
+
+def unet_inputs(batch=1):
+    generator = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=generator),
+        torch.tensor(10),
+        torch.randn(batch, 7, 32, generator=generator),
+    )
+
+
+def unet_output(unet, inputs=None):
+    sample, timestep, hidden = inputs or unet_inputs()
+    with torch.no_grad():
+        return unet(sample, timestep, hidden).sample
+
+
+def tiny_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def text_inputs():
+    return torch.randint(3, 1000, (2, 77), generator=torch.Generator().manual_seed(2))
+
+
+class Mixed(nn.Module):
+    """One module of every supported kind."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)  # every Mixed() is the same base model
+        self.embed = nn.Embedding(50, 12)
+        self.proj = nn.Linear(12, 24)
+        self.norm = nn.LayerNorm(24)
+        self.conv3 = nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1)
+        self.conv1 = nn.Conv2d(10, 6, 1)
+        self.group_norm = nn.GroupNorm(2, 6)
+
+    def forward(self, tokens):
+        hidden = self.norm(self.proj(self.embed(tokens)))  # (B, 16, 24)
+        image = hidden.reshape(hidden.shape[0], 6, 8, 8)
+        return self.group_norm(self.conv1(self.conv3(image)))
+
+
+def mixed_inputs():
+    return torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def state_snapshot(model):
+    """Everything that must come back unchanged: parameters/buffers (bit-exact) and module types."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    types = {name: type(module) for name, module in model.named_modules()}
+    return tensors, types
+
+
+def assert_unchanged(model, snapshot):
+    tensors, types = snapshot
+    now = model.state_dict()
+    assert set(now) == set(tensors), sorted(set(now) ^ set(tensors))[:5]
+    for key, value in tensors.items():
+        assert torch.equal(now[key], value), key
+    assert {name: type(module) for name, module in model.named_modules()} == types
