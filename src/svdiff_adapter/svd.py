@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -41,6 +41,7 @@ CACHE_DIR_ENV = "SVDIFF_CACHE_DIR"
 # Below this many weight elements a progress bar is noise.
 _PROGRESS_MIN_ELEMENTS = 50_000_000
 _SMALL_MATRIX = 256 * 256
+_IO_WORKERS = 2
 
 
 @dataclass
@@ -113,10 +114,15 @@ def weight_key(matrix: torch.Tensor) -> str:
 
 
 def _factors_checksum(factors: SpectralFactors) -> str:
-    digest = hashlib.sha256()
+    """A fast corruption check of cache entries (sums of 32-bit words; not a security measure: the entry's name,
+    a sha256 of the weight, is what makes a hit correct)."""
+    parts = []
     for tensor in (factors.U, factors.S, factors.Vh):
-        digest.update(memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy()))
-    return digest.hexdigest()
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        whole = data.numel() // 4 * 4
+        words = data[:whole].view(torch.int32)
+        parts.append(f"{data.numel()}:{int(words.sum(dtype=torch.int64))}:{bytes(data[whole:].tolist()).hex()}")
+    return ";".join(parts)
 
 
 def default_cache_dir() -> Path:
@@ -207,59 +213,63 @@ def compute_factors(
 ) -> dict[str, SpectralFactors]:
     """Factors of each matrix (see `weight_matrix`), on the matrix's device.
 
-    Same-shaped matrices on a GPU go through one batched call (cuSOLVER batches; on CPU a batch measured no faster
-    than a loop, so CPU matrices go one by one). Cache writes run in a background thread so that disk I/O overlaps the next decomposition. An
-    interrupted run keeps every entry already written to the cache.
+    With a cache, two worker threads hash weights and read entries ahead of the decompositions and write new
+    entries behind them (sha256, file I/O and LAPACK all release the GIL), so the cache costs little on top of the
+    SVDs. An interrupted run keeps every entry already written. Same-shaped CUDA matrices go through one batched
+    call; on CPU a batch measured no faster than a loop, so CPU matrices go one by one.
     """
     svd_cache = resolve_cache(cache)
     total = sum(m.numel() for m in matrices.values())
     show = progress if progress is not None else total >= _PROGRESS_MIN_ELEMENTS
     results: dict[str, SpectralFactors] = {}
+    pool = ThreadPoolExecutor(max_workers=_IO_WORKERS) if svd_cache is not None else None
+    lookups = {name: pool.submit(_lookup, svd_cache, m) for name, m in matrices.items()} if pool else {}
+    writes = []
     keys: dict[str, str] = {}
-    todo: list[str] = []
-    for name, matrix in matrices.items():
-        if svd_cache is not None:
-            keys[name] = weight_key(matrix)
-            cached = svd_cache.get(keys[name], tuple(matrix.shape))
-            if cached is not None:
-                results[name] = cached.to(matrix.device)
-                continue
-        todo.append(name)
-
-    writers: list[threading.Thread] = []
 
     def store(name: str, factors: SpectralFactors) -> None:
         results[name] = factors
-        if svd_cache is not None:
-            writer = threading.Thread(target=svd_cache.put, args=(keys[name], factors))
-            writer.start()
-            writers.append(writer)
+        if pool is not None:
+            writes.append(pool.submit(svd_cache.put, keys[name], factors))
 
     try:
-        with tqdm(total=sum(matrices[n].numel() for n in todo), desc=desc, unit="w", unit_scale=True,
-                  disable=not show or not todo) as bar:
-            for group in _batches(todo, matrices):
-                if len(group) == 1:
-                    store(group[0], decompose(matrices[group[0]]))
-                else:
-                    stacked = decompose(torch.stack([matrices[n].detach() for n in group]))
-                    for index, name in enumerate(group):
-                        store(name, SpectralFactors(stacked.U[index], stacked.S[index], stacked.Vh[index]))
+        with tqdm(total=total, desc=desc, unit="w", unit_scale=True, disable=not show) as bar:
+            cuda_misses = []
+            for name, matrix in matrices.items():
+                if pool is not None:
+                    keys[name], cached = lookups[name].result()
+                    if cached is not None:
+                        results[name] = cached.to(matrix.device)
+                        bar.update(matrix.numel())
+                        continue
+                if matrix.device.type == "cuda":
+                    cuda_misses.append(name)
+                    continue
+                store(name, decompose(matrix))
+                bar.update(matrix.numel())
+            for group in _same_shape_groups(cuda_misses, matrices):
+                stacked = decompose(torch.stack([matrices[n].detach() for n in group]))
+                for index, name in enumerate(group):
+                    store(name, SpectralFactors(stacked.U[index], stacked.S[index], stacked.Vh[index]))
                 bar.update(sum(matrices[n].numel() for n in group))
     finally:
-        for writer in writers:
-            writer.join()
+        if pool is not None:
+            for lookup in lookups.values():
+                lookup.cancel()  # after an interruption: skip lookups not started, finish writing what was computed
+            pool.shutdown(wait=True)
+    for write in writes:
+        write.result()  # surface write errors (e.g. a read-only cache folder)
     return {name: results[name] for name in matrices}
 
 
-def _batches(names: list[str], matrices: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    """Group same-shaped CUDA matrices for batched SVD; everything else is decomposed one by one."""
+def _lookup(svd_cache: SVDCache, matrix: torch.Tensor) -> tuple[str, Optional[SpectralFactors]]:
+    key = weight_key(matrix)
+    return key, svd_cache.get(key, tuple(matrix.shape))
+
+
+def _same_shape_groups(names: list[str], matrices: Mapping[str, torch.Tensor]) -> list[list[str]]:
     groups: dict[tuple, list[str]] = defaultdict(list)
-    single: list[list[str]] = []
     for name in names:
         matrix = matrices[name]
-        if matrix.device.type == "cuda":
-            groups[(tuple(matrix.shape), matrix.dtype, matrix.device)].append(name)
-        else:
-            single.append([name])
-    return single + list(groups.values())
+        groups[(tuple(matrix.shape), matrix.dtype, matrix.device)].append(name)
+    return list(groups.values())
