@@ -93,3 +93,23 @@ def test_get_peft_model_wraps_a_plain_torch_model():
     model(mixed_inputs()).sum().backward()
     merged = model.merge_and_unload()
     assert not any(isinstance(m, SpectralShiftLayer) for m in merged.modules())
+
+
+def test_transformers_adapter_methods_accept_the_type():
+    """transformers' PEFT integration reads `peft_type.value`; a plain str registration would break it."""
+    text_encoder = tiny_text_encoder()
+    ids = text_inputs()
+    with torch.no_grad():
+        base = text_encoder(ids).last_hidden_state
+    text_encoder.add_adapter(SpectralShiftConfig(target_kinds=["linear", "embedding"], init_scale=0.1), adapter_name="x")
+    assert text_encoder.active_adapters() == ["x"]
+    with torch.no_grad():
+        assert not torch.equal(text_encoder(ids).last_hidden_state, base)
+        text_encoder.disable_adapters()
+        assert torch.equal(text_encoder(ids).last_hidden_state, base)
+        text_encoder.enable_adapters()
+    state = text_encoder.get_adapter_state_dict("x")
+    assert "embeddings.token_embedding.spectral_delta" in state
+    text_encoder.delete_adapter("x")
+    with torch.no_grad():
+        assert torch.equal(text_encoder(ids).last_hidden_state, base)
