@@ -353,3 +353,18 @@ def test_get_delta_weight_matches_reference():
     W = layer.base_layer.weight
     expected = reference_weight(W, dog) - W.double()
     assert (layer.get_delta_weight("dog").double() - expected).abs().max() < 2e-3 * float(dog.abs().max())
+
+
+def test_effective_weight_memory_is_released_when_no_shift_applies():
+    model, layer, dog, cat = _two_adapters()
+    x = module_inputs()["proj"]
+    with torch.no_grad():
+        layer(x)
+    assert layer._spectral_cache is not None
+    peft.tuners.tuners_utils.set_adapter(model, [])
+    assert layer._spectral_cache is None
+    peft.tuners.tuners_utils.set_adapter(model, ["dog"])
+    with torch.no_grad():
+        layer(x)
+    layer.enable_adapters(False)
+    assert layer._spectral_cache is None

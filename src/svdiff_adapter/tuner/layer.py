@@ -126,6 +126,16 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self._spectral_cache = None
         self.set_adapter(self.active_adapters)
 
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        if not self._spectral_active():
+            self._spectral_cache = None  # free the effective weight while no shift applies
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        if not enabled:
+            self._spectral_cache = None
+
     def _spectral_active(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.spectral_delta]
 
