@@ -113,3 +113,19 @@ def test_transformers_adapter_methods_accept_the_type():
     text_encoder.delete_adapter("x")
     with torch.no_grad():
         assert torch.equal(text_encoder(ids).last_hidden_state, base)
+
+
+def test_low_cpu_mem_usage_injection_then_state_dict():
+    from .tiny_models import Mixed, mixed_inputs
+
+    model = Mixed()
+    sa.add_spectral_shift(model, SpectralShiftConfig(init_scale=0.1), "a", svd_cache=False)
+    state = get_peft_model_state_dict(model, adapter_name="a")
+    with torch.no_grad():
+        expected = model(mixed_inputs())
+    fresh = Mixed()
+    inject_adapter_in_model(SpectralShiftConfig(), fresh, "a", low_cpu_mem_usage=True)
+    assert all(p.device.type == "meta" for n, p in fresh.named_parameters() if "spectral_delta" in n)
+    set_peft_model_state_dict(fresh, state, adapter_name="a", low_cpu_mem_usage=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(mixed_inputs()), expected)
