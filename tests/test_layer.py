@@ -187,18 +187,50 @@ def test_effective_weight_is_reused_until_something_changes():
     x = module_inputs()["proj"]
     with torch.no_grad():
         layer(x)
-        first = layer.effective_weight()
+        weight = layer.effective_weight()
+        version = weight._version
         layer(x)
-        assert layer.effective_weight() is first  # no re-composition per call
+        assert layer.effective_weight() is weight and weight._version == version  # no re-composition per call
+        before = weight.clone()
         layer.set_scale("cat", 0.5)
-        second = layer.effective_weight()
-        assert second is not first
-        assert layer.effective_weight() is second
+        layer(x)
+        assert weight._version > version and not torch.equal(weight, before)  # rebuilt in place
+        version, before = weight._version, weight.clone()
+        layer(x)
+        assert weight._version == version
         layer.spectral_delta["cat"].add_(0.1)  # an in-place update (optimizer, load_state_dict, hotswap)
-        third = layer.effective_weight()
-        assert third is not second and not torch.equal(third, second)
+        layer(x)
+        assert not torch.equal(weight, before)
+        before = weight.clone()
         peft.tuners.tuners_utils.set_adapter(model, ["dog"])
-        assert layer.effective_weight() is not third
+        layer(x)
+        expected = reference_weight(layer.base_layer.weight, dog)
+        assert (layer.effective_weight().double() - expected).abs().max() < 2e-3 * float(dog.abs().max())
+
+
+def test_compiled_model_swaps_shifts_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = Mixed()
+    add_spectral_shift(model, SpectralShiftConfig(init_scale=0.1), "a", svd_cache=False)
+    x = mixed_inputs()
+    with torch.no_grad():
+        model(x)  # builds the inference weights eagerly, before compiling
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        for step in range(2):  # hotswap: new δ copied in place, inference weights refreshed in place
+            for _, layer in spectral_layers(model):
+                layer.spectral_delta["a"].copy_(torch.randn(layer.shift_size) * 0.1)
+                layer.refresh_spectral_weight()
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert not counters["graph_break"]
+        for _, layer in spectral_layers(model):
+            layer.set_scale("a", 0.5)  # a new weight: recompiles rather than reusing a stale buffer
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
 def test_merge_unmerge_is_exact_over_1000_cycles():
@@ -360,11 +392,11 @@ def test_effective_weight_memory_is_released_when_no_shift_applies():
     x = module_inputs()["proj"]
     with torch.no_grad():
         layer(x)
-    assert layer._spectral_cache is not None
+    assert layer.spectral_weight is not None
     peft.tuners.tuners_utils.set_adapter(model, [])
-    assert layer._spectral_cache is None
+    assert layer.spectral_weight is None
     peft.tuners.tuners_utils.set_adapter(model, ["dog"])
     with torch.no_grad():
         layer(x)
     layer.enable_adapters(False)
-    assert layer._spectral_cache is None
+    assert layer.spectral_weight is None

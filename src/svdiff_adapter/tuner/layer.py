@@ -92,10 +92,12 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         # (original weight tensor, combined shift baked into the merged weight)
         self._spectral_merge: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        # (cache key, effective weight) for inference
-        self._spectral_cache: Optional[tuple[Any, torch.Tensor]] = None
         for name in FACTOR_BUFFERS:
             self.register_buffer(name, None, persistent=False)
+        # The effective weight for inference, refreshed in place (stable for torch.compile), and what it was built from.
+        self.register_buffer("spectral_weight", None, persistent=False)
+        self._spectral_weight_key: Any = None
+        self._spectral_built_for: Optional[tuple] = None
         if factors is not None:
             weight = base_layer.weight
             self.spectral_U = factors.U.to(weight.device)
@@ -123,18 +125,18 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             delta.normal_(0.0, init_scale)
         self.spectral_delta[adapter_name] = nn.Parameter(delta)
         self.spectral_scaling[adapter_name] = 1.0
-        self._spectral_cache = None
+        self.reset_spectral_cache()
         self.set_adapter(self.active_adapters)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         if not self._spectral_active():
-            self._spectral_cache = None  # free the effective weight while no shift applies
+            self.reset_spectral_cache()  # free the effective weight while no shift applies
 
     def enable_adapters(self, enabled: bool) -> None:
         super().enable_adapters(enabled)
         if not enabled:
-            self._spectral_cache = None
+            self.reset_spectral_cache()
 
     def _spectral_active(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.spectral_delta]
@@ -163,7 +165,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge it first.")
         super().delete_adapter(adapter_name)
-        self._spectral_cache = None
+        self.reset_spectral_cache()
 
     # ------------------------------------------------------------------------------------------------- math
     def combined_shift(self, adapter_names: list[str]) -> torch.Tensor:
@@ -204,22 +206,52 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             weight.requires_grad or any(self.spectral_delta[n].requires_grad for n in names)
         )
         if needs_grad:
-            self._spectral_cache = None
             return self.weight_with_shift(weight, self.combined_shift(names))
-        key = (
-            tuple((n, self.spectral_scaling[n], self.spectral_delta[n]._version, self.spectral_delta[n].data_ptr())
-                  for n in names),
-            weight.data_ptr(), weight._version, weight.device, weight.dtype,
+        if torch.compiler.is_compiling():
+            # A compiled graph reads the buffer as an input; eager code (`refresh_spectral_weight`, e.g. after a
+            # hotswap) updates it in place, so swapping shifts does not recompile. Dynamo guards on the adapters and
+            # weights compared here, so `set_adapters` on a compiled model recompiles instead of using a stale buffer.
+            if self.spectral_weight is not None and self._spectral_built_for == self._scale_state(names):
+                return self.spectral_weight
+            return self.weight_with_shift(weight, self.combined_shift(names))
+        if self._weight_key(names) != self._spectral_weight_key:
+            self.refresh_spectral_weight()
+        return self.spectral_weight
+
+    def _scale_state(self, names: list[str]) -> tuple:
+        return tuple((n, self.spectral_scaling[n]) for n in names)
+
+    def _weight_key(self, names: list[str]):
+        weight = self.base_layer.weight
+        shifts = tuple(
+            (n, self.spectral_scaling[n], self.spectral_delta[n]._version, self.spectral_delta[n].data_ptr())
+            for n in names
         )
-        if self._spectral_cache is None or self._spectral_cache[0] != key:
-            self._spectral_cache = None  # free the old weight before building the new one
-            with torch.no_grad():
-                self._spectral_cache = (key, self.weight_with_shift(weight, self.combined_shift(names)))
-        return self._spectral_cache[1]
+        return shifts, weight.data_ptr(), weight._version, weight.device, weight.dtype
+
+    def refresh_spectral_weight(self) -> None:
+        """Rebuild the inference weight now, in place when its shape/dtype/device allow."""
+        names = self._spectral_active()
+        if not names:
+            self.reset_spectral_cache()
+            return
+        with torch.no_grad():
+            fresh = self.weight_with_shift(self.base_layer.weight, self.combined_shift(names))
+            current = self.spectral_weight
+            if current is not None and (current.shape, current.dtype, current.device) == (
+                fresh.shape, fresh.dtype, fresh.device
+            ):
+                current.copy_(fresh)
+            else:
+                self.spectral_weight = fresh
+        self._spectral_weight_key = self._weight_key(names)
+        self._spectral_built_for = self._scale_state(names)
 
     def reset_spectral_cache(self) -> None:
-        """Drop the cached effective weight (needed only after editing the base weight's `.data` in place)."""
-        self._spectral_cache = None
+        """Drop the inference weight (needed only after editing δ or the base weight's `.data` in place)."""
+        self.spectral_weight = None
+        self._spectral_weight_key = None
+        self._spectral_built_for = None
 
     # ---------------------------------------------------------------------------------------- merge / unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -228,7 +260,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         Adapters merged later join the ones already merged inside the same ReLU.
         """
         # Any tuner's merge may have changed the shared base weight: drop our cached effective weight.
-        self._spectral_cache = None
+        self.reset_spectral_cache()
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.spectral_delta]
         if not names:
             return
@@ -248,7 +280,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
 
         If another tuner (e.g. a fused LoRA) changed the weight while ours was merged, its change is carried over.
         """
-        self._spectral_cache = None
+        self.reset_spectral_cache()
         if self._spectral_merge is None:
             return
         original, shift = self._spectral_merge
@@ -281,6 +313,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
     def _apply(self, fn, recurse=True):
         # Factors follow device moves but keep their storage dtype: `.half()`/`.to(bf16)` would throw away precision
         # and `.float()` would double their memory. Probe the target device with an empty tensor.
+        self.reset_spectral_cache()  # rebuilt on the new device/dtype at the next forward
         factors = {name: self._buffers[name] for name in FACTOR_BUFFERS if self._buffers.get(name) is not None}
         for name in factors:
             self._buffers[name] = None
@@ -288,7 +321,6 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         for name, tensor in factors.items():
             device = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
             self._buffers[name] = tensor.to(device)
-        self._spectral_cache = None
         return result
 
 
