@@ -400,3 +400,49 @@ def test_effective_weight_memory_is_released_when_no_shift_applies():
         layer(x)
     layer.enable_adapters(False)
     assert layer.spectral_weight is None
+
+
+class _FewRows(nn.Module):
+    """Wide layers seen by few rows: training takes the factored path (no m × n recomposition)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(192, 256)
+        self.conv = nn.Conv2d(64, 48, 3, stride=2, padding=1, padding_mode="reflect")
+        self.embed = nn.Embedding(300, 40)
+
+
+@pytest.mark.parametrize("name, make_input", [
+    ("linear", lambda g: torch.randn(4, 192, generator=g)),
+    ("conv", lambda g: torch.randn(1, 64, 4, 4, generator=g)),
+    ("embed", lambda g: torch.randint(0, 300, (3, 5), generator=g)),
+])
+def test_factored_training_path_matches_recomposition(name, make_input):
+    model = _FewRows()
+    add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS), "a", svd_cache=False)
+    layer = find_spectral_layer(model.get_submodule(name))
+    shift = random_shift(layer)
+    set_shift(layer, "a", shift)
+    x = make_input(torch.Generator().manual_seed(1))
+    assert layer._factored_is_cheaper(x)
+    out = layer(x)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    ((out - target) ** 2).mean().backward()
+
+    U, S, Vh = layer.spectral_U.double(), layer.spectral_S.double(), layer.spectral_Vh.double()
+    ref_shift = shift.double().clone().requires_grad_(True)
+    W = layer.base_layer.weight
+    weight = (W.double() + (U @ torch.diag(torch.relu(S + ref_shift) - S) @ Vh).reshape(W.shape))
+    raw = layer.base_layer
+    if name == "linear":
+        expected = F.linear(x.double(), weight, raw.bias.double())
+    elif name == "conv":
+        expected = F.conv2d(F.pad(x.double(), (1, 1, 1, 1), mode="reflect"), weight, raw.bias.double(), 2)
+    else:
+        expected = F.embedding(x, weight)
+    ((expected - target.double()) ** 2).mean().backward()
+    assert torch.allclose(out.double(), expected, atol=1e-4)
+    assert torch.allclose(layer.spectral_delta["a"].grad.double(), ref_shift.grad, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), out, atol=1e-5)  # the inference path agrees

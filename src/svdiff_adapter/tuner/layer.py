@@ -202,10 +202,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         """W_δ for the active adapters: cached for inference, recomposed when gradients are needed."""
         weight = self.base_layer.weight
         names = self._spectral_active()
-        needs_grad = torch.is_grad_enabled() and (
-            weight.requires_grad or any(self.spectral_delta[n].requires_grad for n in names)
-        )
-        if needs_grad:
+        if self._needs_grad(names):
             return self.weight_with_shift(weight, self.combined_shift(names))
         if torch.compiler.is_compiling():
             # A compiled graph reads the buffer as an input; eager code (`refresh_spectral_weight`, e.g. after a
@@ -217,6 +214,11 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if self._weight_key(names) != self._spectral_weight_key:
             self.refresh_spectral_weight()
         return self.spectral_weight
+
+    def _needs_grad(self, names: list[str]) -> bool:
+        return torch.is_grad_enabled() and (
+            self.base_layer.weight.requires_grad or any(self.spectral_delta[n].requires_grad for n in names)
+        )
 
     def _scale_state(self, names: list[str]) -> tuple:
         return tuple((n, self.spectral_scaling[n]) for n in names)
@@ -301,13 +303,37 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         """The base module's operation with another weight (subclasses)."""
         raise NotImplementedError
 
+    def factored_rows(self, x: torch.Tensor) -> Optional[int]:
+        """Rows of the matrix product this input makes (tokens, output pixels), or None if the layer has no
+        factored path (subclasses)."""
+        return None
+
+    def factored_delta(self, x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """x ↦ op(x, U·diag(change)·Vᵀ) without forming the m × n matrix (subclasses)."""
+        raise NotImplementedError
+
+    def _factored_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Training cost in multiply-adds per step, B rows. Recomposing W_δ: B·m·n forward, 2·B·m·n backward (input
+        and weight gradients), 2·m·n·k to build ΔW and project its gradient. Factored, op(x, W) + op(op(x, Vᵀ)·c, U):
+        B·m·n forward, B·m·n backward (W is frozen: no weight gradient), 3·B·k·(m+n) for the thin products. Few
+        rows (low-resolution UNet blocks, text tokens, embeddings) favour the factored form."""
+        rows = self.factored_rows(x)
+        if rows is None or not self.uses_factors:
+            return False
+        m, n, k = self.spectral_U.shape[0], self.spectral_Vh.shape[1], self.spectral_S.numel()
+        return 3 * rows * k * (m + n) < rows * m * n + 2 * m * n * k
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged or not self._spectral_active():
+        names = self._spectral_active()
+        if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
+        if self._needs_grad(names) and self._factored_is_cheaper(x):
+            change = torch.relu(self.spectral_S + self.combined_shift(names)) - self.spectral_S
+            return self.base_layer(x, *args, **kwargs) + self.factored_delta(x, change)
         return self.run_base(x, self.effective_weight())
 
     def _apply(self, fn, recurse=True):
@@ -324,14 +350,37 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return result
 
 
+def _factors_as(layer: SpectralShiftLayer, x: torch.Tensor, change: torch.Tensor):
+    dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+    return layer.spectral_U.to(dtype), layer.spectral_Vh.to(dtype), change.to(dtype)
+
+
 class Linear(SpectralShiftLayer):
     def run_base(self, x, weight):
         return F.linear(x, weight, self.base_layer.bias)
+
+    def factored_rows(self, x):
+        return x.numel() // x.shape[-1]
+
+    def factored_delta(self, x, change):
+        U, Vh, change = _factors_as(self, x, change)
+        return F.linear(F.linear(x.to(U.dtype), Vh) * change, U).to(x.dtype)
 
 
 class Conv2d(SpectralShiftLayer):
     def run_base(self, x, weight):
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def factored_rows(self, x):
+        stride = self.base_layer.stride
+        return x.shape[0] * (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1])
+
+    def factored_delta(self, x, change):
+        # Conv with the k kernels of Vᵀ (same stride/padding/dilation), scale channels, then a 1×1 conv with U.
+        U, Vh, change = _factors_as(self, x, change)
+        kernels = Vh.reshape(Vh.shape[0], *self.base_layer.weight.shape[1:])
+        hidden = self.base_layer._conv_forward(x.to(U.dtype), kernels, None) * change.view(1, -1, 1, 1)
+        return F.conv2d(hidden, U.reshape(*U.shape, 1, 1)).to(x.dtype)
 
 
 class Embedding(SpectralShiftLayer):
@@ -339,6 +388,13 @@ class Embedding(SpectralShiftLayer):
         base = self.base_layer
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                            base.sparse)
+
+    def factored_rows(self, x):
+        return None if self.base_layer.max_norm is not None else x.numel()  # max_norm renormalises whole rows
+
+    def factored_delta(self, x, change):
+        U, Vh, change = _factors_as(self, self.base_layer.weight, change)
+        return ((F.embedding(x, U) * change) @ Vh).to(self.base_layer.weight.dtype)
 
 
 class LayerNorm(SpectralShiftLayer):
