@@ -57,3 +57,17 @@ __all__ = [
     "svd_options",
     "unload_spectral_shift",
 ]
+
+# Pipelines (loaded on first use: importing diffusers' pipelines takes a while): `SpectralShiftLoaderMixin`,
+# `patch_diffusers()` and drop-in `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, img2img / inpaint variants.
+from .loaders import _PIPELINE_EXPORTS  # noqa: E402
+
+__all__ += list(_PIPELINE_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _PIPELINE_EXPORTS:
+        from .loaders import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

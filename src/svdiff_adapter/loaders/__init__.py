@@ -21,3 +21,24 @@ __all__ = [
     "to_shift_file",
     "unload_spectral_shift",
 ]
+
+# Pipeline-level API (imports diffusers' pipelines, so it is loaded on first use).
+_PIPELINE_EXPORTS = (
+    "SpectralShiftLoaderMixin",
+    "patch_diffusers",
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
+__all__ += list(_PIPELINE_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _PIPELINE_EXPORTS:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
