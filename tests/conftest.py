@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests use tiny matrices: one thread avoids OpenMP overhead (and spin-waits, ~80x slower on a busy machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

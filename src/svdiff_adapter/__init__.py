@@ -71,3 +71,28 @@ def __getattr__(name):
 
         return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# Tools (issue 7): inspect, merge, convert, export to LoRA, extract, push/pull. CLI: `svdiff` (svdiff_adapter.cli).
+from .tools import (  # noqa: E402
+    ToolError,
+    export_lora,
+    extract_shift,
+    inspect_shift,
+    merge_shifts,
+    pull_shift,
+    push_shift,
+    svdiff_pytorch_to_v1,
+    v1_to_svdiff_pytorch,
+)
+
+__all__ += [
+    "ToolError",
+    "export_lora",
+    "extract_shift",
+    "inspect_shift",
+    "merge_shifts",
+    "pull_shift",
+    "push_shift",
+    "svdiff_pytorch_to_v1",
+    "v1_to_svdiff_pytorch",
+]

@@ -105,8 +105,12 @@ def save_shift_file(
 
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as handle:
-        head = handle.read(2)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK":
+        head = handle.read(9)
+    # A safetensors file starts with an 8-byte little-endian header length (whose first byte may well be 0x80, a
+    # pickle's first byte) followed by "{".
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    pickle_like = head[:1] == b"\x80" or head[:2] == b"PK"
+    if path.suffix.lower() in _PICKLE_SUFFIXES or (pickle_like and not looks_safetensors):
         raise SpectralShiftFormatError(
             f"{path} looks like a pickle/torch.save file. Spectral shifts are read from safetensors only; pickled "
             "files are never unpickled because loading them can run arbitrary code."

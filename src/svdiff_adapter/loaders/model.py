@@ -6,10 +6,11 @@ Moves data between files and the tuner; all math lives in `svdiff_adapter.tuner.
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping, Optional, Union
 
 import torch
-from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import inject_adapter_in_model
 from torch import nn
 
 from ..format import (
@@ -23,13 +24,15 @@ from ..format import (
     save_shift_file,
 )
 from ..svd import SpectralFactors, compute_factors, weight_matrix
-from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_layers, svd_options
+from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_layers, spectral_layers, svd_options
 from ..tuner.layer import find_spectral_layer, module_kind, unsupported_reason, uses_factors
 
 
 ModelOrComponents = Union[nn.Module, Mapping[str, nn.Module]]
 # Options saved with a file; everything else in the config is rebuilt from the tensors.
 _SAVED_CONFIG_KEYS = ("target_kinds", "norm_mode")
+# Hops that wrappers add to a layer's name: other tuners (".base_layer") and torch.compile ("_orig_mod.").
+_WRAPPER_HOPS = re.compile(r"\.base_layer(?=\.|$)|(?:^|(?<=\.))_orig_mod\.")
 
 
 def _components(models: ModelOrComponents) -> dict[str, nn.Module]:
@@ -73,25 +76,29 @@ def get_spectral_shift_state_dict(model: nn.Module, adapter_name: str = "default
     """Module path → δ of one adapter (detached, float32)."""
     if adapter_name not in spectral_adapter_names(model):
         raise ValueError(f"Unknown spectral adapter {adapter_name!r}; loaded: {spectral_adapter_names(model)}.")
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    return {key[: -len(DELTA_SUFFIX)]: t.detach().float() for key, t in state.items() if key.endswith(DELTA_SUFFIX)}
+    return {
+        # A LoRA wrapping our layer puts it at "<module>.base_layer"; files name the module itself.
+        _WRAPPER_HOPS.sub("", name): layer.spectral_delta[adapter_name].detach().float().clone()
+        for name, layer in spectral_layers(model) if adapter_name in layer.spectral_delta
+    }
 
 
 def layer_fingerprint(layer: SpectralShiftLayer) -> list[float]:
     """Leading singular values of the base weight (or ‖γ‖ and leading γ for elementwise norm shifts)."""
     if layer.uses_factors:
-        return _rounded(layer.spectral_S[:FINGERPRINT_LENGTH])
-    return _norm_fingerprint(layer.base_layer.weight)
+        return fingerprint_from_singular_values(layer.spectral_S[:FINGERPRINT_LENGTH])
+    return norm_fingerprint(layer.base_layer.weight)
 
 
-def _rounded(values) -> list[float]:
-    # 7 significant digits: well inside the match tolerance, and a compact header.
+def fingerprint_from_singular_values(values) -> list[float]:
+    """Fingerprint values as stored: 7 significant digits, well inside the match tolerance, and a compact header."""
     return [float(f"{float(v):.7g}") for v in values]
 
 
-def _norm_fingerprint(weight: torch.Tensor) -> list[float]:
+def norm_fingerprint(weight: torch.Tensor) -> list[float]:
+    """Fingerprint of a norm weight shifted elementwise (no SVD): ‖γ‖ and the leading elements."""
     values = weight.detach().float().reshape(-1)
-    return _rounded([values.norm()] + list(values[: FINGERPRINT_LENGTH - 1]))
+    return fingerprint_from_singular_values([values.norm()] + list(values[: FINGERPRINT_LENGTH - 1]))
 
 
 def to_shift_file(
@@ -200,10 +207,10 @@ def load_spectral_shift_into_model(
     try:
         with svd_options(cache=svd_cache, progress=progress, factors=factors):
             inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
-        result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
-        unexpected = [k for k in result.unexpected_keys if adapter_name in k or DELTA_SUFFIX in k]
-        if unexpected:
-            raise RuntimeError(f"Shifts were not loaded into {unexpected[:5]}")
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                target = find_spectral_layer(model.get_submodule(name)).spectral_delta[adapter_name]
+                target.copy_(delta.to(target))
     except BaseException:
         remove_spectral_layers(model, [adapter_name])
         _mark_peft_loaded(model)
@@ -225,9 +232,9 @@ def _check_fingerprints(
         if name in existing_layers:
             actual = layer_fingerprint(existing_layers[name])
         elif name in factors:
-            actual = _rounded(factors[name].S[:FINGERPRINT_LENGTH])
+            actual = fingerprint_from_singular_values(factors[name].S[:FINGERPRINT_LENGTH])
         else:
-            actual = _norm_fingerprint(raw_modules[name].weight)
+            actual = norm_fingerprint(raw_modules[name].weight)
         if not fingerprints_match(list(expected), actual):
             mismatched.append(name)
     if mismatched:

@@ -87,6 +87,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.spectral_delta = nn.ParameterDict()
         self.spectral_scaling: dict[str, float] = {}
+        self._spectral_unscaled: Optional[dict[str, float]] = None
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter: list[str] = []
@@ -150,16 +151,23 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         """Multiply the weights of the active adapters (diffusers' `cross_attention_kwargs={"scale": s}`)."""
         if scale == 1:
             return
+        if self._spectral_unscaled is None:
+            # Remembered so that unscaling restores the exact weights: w·s/s is not always w in floating point,
+            # and a drifting weight would rebuild the effective weights on every denoising step.
+            self._spectral_unscaled = dict(self.spectral_scaling)
         for adapter in self._spectral_active():
             self.spectral_scaling[adapter] *= scale
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
         """Undo `scale_layer(scale)`; `None` resets the active adapters' weights to 1."""
-        for adapter in self._spectral_active():
-            if scale is None:
+        if scale is None:
+            for adapter in self._spectral_active():
                 self.spectral_scaling[adapter] = 1.0
-            elif scale != 0:
-                self.spectral_scaling[adapter] /= scale
+        elif scale != 1 and self._spectral_unscaled is not None:
+            self.spectral_scaling.update(
+                {name: value for name, value in self._spectral_unscaled.items() if name in self.spectral_scaling}
+            )
+        self._spectral_unscaled = None
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:

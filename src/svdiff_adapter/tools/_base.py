@@ -1,0 +1,285 @@
+"""What every tool needs: reading shift files, loading a local base model, the base weights' σ and factors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ..format import (
+    COMPONENTS,
+    DEFAULT_WEIGHT_NAME,
+    FINGERPRINT_LENGTH,
+    LEGACY_WEIGHT_NAMES,
+    SpectralShiftFile,
+    load_shift_file,
+)
+from ..loaders.model import fingerprint_from_singular_values, norm_fingerprint  # the one fingerprint definition
+from ..svd import SpectralFactors, compute_factors, weight_matrix
+from ..tuner.layer import module_kind, unsupported_reason, uses_factors
+
+
+ShiftSource = Union[str, os.PathLike, SpectralShiftFile]
+BaseSource = Union[str, os.PathLike, nn.Module, Mapping[str, nn.Module]]
+
+
+class ToolError(ValueError):
+    """A tool cannot do what was asked (mismatched bases, unknown mode, bad option); the message says why."""
+
+
+def read_shift(source: ShiftSource) -> SpectralShiftFile:
+    """A `SpectralShiftFile` from a file, a folder (v1 file, or svdiff-pytorch's one or two files) or itself.
+
+    Raises `FileNotFoundError` for a missing path; Hub repo ids are resolved by `read_shift_or_repo`.
+    """
+    if isinstance(source, SpectralShiftFile):
+        return source
+    path = Path(os.path.expanduser(os.fspath(source)))
+    if path.is_file():
+        return load_shift_file(path)
+    if path.is_dir():
+        if (path / DEFAULT_WEIGHT_NAME).is_file():
+            return load_shift_file(path / DEFAULT_WEIGHT_NAME)
+        legacy = [path / name for name in LEGACY_WEIGHT_NAMES if (path / name).is_file()]
+        if not legacy:
+            raise FileNotFoundError(
+                f"No spectral-shift file in folder {path} (looked for {[DEFAULT_WEIGHT_NAME, *LEGACY_WEIGHT_NAMES]})."
+            )
+        return combine_components([load_shift_file(p) for p in legacy])
+    raise FileNotFoundError(f"No such file or folder: {os.fspath(source)!r}.")
+
+
+def read_shift_or_repo(source: ShiftSource, **hub_kwargs) -> SpectralShiftFile:
+    """`read_shift`, falling back to a Hub repo id through the pipeline issue's Hub functions (imported lazily)."""
+    if isinstance(source, SpectralShiftFile) or Path(os.path.expanduser(os.fspath(source))).exists():
+        return read_shift(source)
+    hub = hub_module()
+    return hub.read_shift_files(hub.resolve_shift_files(os.fspath(source), **hub_kwargs))
+
+
+def hub_module():
+    """`svdiff_adapter.loaders.hub`, or a clear error while the pipeline/Hub issue has not landed it."""
+    try:
+        from ..loaders import hub
+    except ImportError as error:
+        raise ToolError(
+            f"Hub support is not available yet in this installation of svdiff-adapter ({error}); use local files."
+        ) from error
+    for name in ("resolve_shift_files", "read_shift_files", "upload_shift_folder"):
+        if not hasattr(hub, name):
+            raise ToolError(f"Hub support is not available yet: svdiff_adapter.loaders.hub has no {name}().")
+    return hub
+
+
+def combine_components(files: list[SpectralShiftFile]) -> SpectralShiftFile:
+    """Join files that hold different components (svdiff-pytorch's UNet and text-encoder files) into one."""
+    result = SpectralShiftFile(deltas={}, source=files[0].source)
+    for shift_file in files:
+        clash = set(result.deltas) & set(shift_file.deltas)
+        if clash:
+            raise ToolError(f"Two of the files hold the same component(s) {sorted(clash)}.")
+        result.deltas.update(shift_file.deltas)
+        result.configs.update(shift_file.configs)
+        result.fingerprints.update(shift_file.fingerprints)
+        result.base_model = result.base_model or shift_file.base_model
+        result.base_revision = result.base_revision or shift_file.base_revision
+    return result
+
+
+# Below this many elements per matrix, per-module math runs on one thread (see `small_math`).
+SMALL_MATRIX = 512 * 512
+
+
+@contextlib.contextmanager
+def small_math(numel: int):
+    """Run the math of one small module on one CPU thread.
+
+    OpenMP threads only add overhead on small matrices, and on a busy machine their spin-waits dominate: extracting
+    a tiny UNet measured 13.7 s with 2 threads vs 0.18 s with 1 (load average 9 on 2 cores). svd.py does the same
+    for its SVDs.
+    """
+    threads = torch.get_num_threads()
+    if numel > SMALL_MATRIX or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------- base models
+def _load_model_folder(folder: Path) -> nn.Module:
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if "_class_name" in config:
+        import diffusers
+
+        cls = getattr(diffusers, config["_class_name"], None)
+    else:
+        import transformers
+
+        cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    if cls is None:
+        raise ToolError(f"Cannot tell which model class {config_path} describes.")
+    return cls.from_pretrained(folder).eval()
+
+
+def load_base(base: BaseSource, components: Optional[list[str]] = None) -> dict[str, nn.Module]:
+    """The base model as `{component: model}`.
+
+    Args:
+        base: a model, a `{component: model}` dict, a local pipeline folder (subfolders `unet/`, `text_encoder/`,
+            `text_encoder_2/`) or a local single-model folder (`config.json` + weights).
+        components: the components needed (the shift file's). Only those subfolders are loaded. A single model is
+            given the name of the file's only component.
+    """
+    if isinstance(base, Mapping):
+        return dict(base)
+    if isinstance(base, nn.Module):
+        return {_single_component(components): base}
+    folder = Path(os.path.expanduser(os.fspath(base)))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Base model {os.fspath(base)!r} is not a local folder. Give a pipeline folder (with unet/, "
+            "text_encoder/ ...) or a model folder; download Hub models first (`hf download REPO --local-dir DIR`)."
+        )
+    if (folder / "config.json").is_file():
+        return {_single_component(components): _load_model_folder(folder)}
+    wanted = [c for c in (components or COMPONENTS) if c]
+    models = {c: _load_model_folder(folder / c) for c in wanted if (folder / c / "config.json").is_file()}
+    missing = [c for c in (components or []) if c not in models]
+    if missing or not models:
+        raise ToolError(f"Base model folder {folder} has no model for component(s) {missing or wanted}.")
+    return models
+
+
+def _single_component(components: Optional[list[str]]) -> str:
+    components = list(components or [""])
+    if len(components) != 1:
+        raise ToolError(
+            f"The shift covers several components {components}; give a pipeline folder or a {{component: model}} dict."
+        )
+    return components[0]
+
+
+# ------------------------------------------------------------------------------------------- per-module facts
+@dataclass
+class BaseModule:
+    """What a tool needs to know of one shifted module of the base model."""
+
+    module: nn.Module
+    kind: str
+    factors: Optional[SpectralFactors]  # None for elementwise norm shifts (γ + δ)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+def _raw_module(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    while hasattr(module, "base_layer"):  # a tuner layer: look at the original module
+        module = module.base_layer
+    return module
+
+
+def base_modules(
+    models: Mapping[str, nn.Module], shift_file: SpectralShiftFile, svd_cache=None, progress: Optional[bool] = None,
+) -> dict[str, dict[str, BaseModule]]:
+    """For every module of the file: the base module, its kind and the SVD of its weight (where the shift uses one).
+
+    Raises `ToolError` when a component is missing or a module does not exist / does not fit its δ.
+    """
+    missing = [c for c in shift_file.components if c not in models]
+    if missing:
+        raise ToolError(f"The base model has no component(s) {missing} (have: {list(models)}).")
+    result: dict[str, dict[str, BaseModule]] = {}
+    for component, deltas in shift_file.deltas.items():
+        norm_mode = shift_file.configs.get(component, {}).get("norm_mode", "elementwise")
+        found, problems = {}, []
+        for name, delta in deltas.items():
+            try:
+                raw = _raw_module(models[component], name)
+            except AttributeError:
+                problems.append(f"{name}: no such module")
+                continue
+            kind = module_kind(raw)
+            if kind is None or unsupported_reason(raw):
+                problems.append(f"{name}: {type(raw).__name__} cannot be shifted")
+                continue
+            size = raw.weight.numel() if not uses_factors(kind, norm_mode) else min(weight_matrix(raw.weight).shape)
+            if delta.numel() != size:
+                problems.append(f"{name}: δ has {delta.numel()} values, the base module needs {size}")
+                continue
+            found[name] = (raw, kind)
+        if problems:
+            raise ToolError(
+                f"The shift does not fit the base model's {component or 'model'} ({len(problems)} problem(s)): "
+                + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+            )
+        matrices = {
+            n: weight_matrix(raw.weight.detach()) for n, (raw, kind) in found.items() if uses_factors(kind, norm_mode)
+        }
+        factors = compute_factors(matrices, cache=svd_cache, progress=progress, desc=f"SVD of {component or 'model'}")
+        result[component] = {n: BaseModule(raw, kind, factors.get(n)) for n, (raw, kind) in found.items()}
+    return result
+
+
+def spectral_change(info: BaseModule, delta: torch.Tensor) -> torch.Tensor:
+    """The change of the shifted values: ReLU(σ + δ) − σ (or δ itself for elementwise norms), float32."""
+    delta = delta.to(torch.float32)
+    if info.factors is None:
+        return delta
+    return torch.relu(info.factors.S + delta) - info.factors.S
+
+
+def guess_kind(name: str, delta: torch.Tensor, norm_mode: str = "elementwise") -> str:
+    """A module's kind guessed from its path alone (when no base model is given), by UNet/CLIP naming conventions.
+
+    Norms and embeddings are recognised; 1×1-conv projections not named "conv" (SD1's `proj_in`/`proj_out`) count as
+    linear. Give the base model for exact kinds.
+    """
+    last = name.split(".")[-1]
+    if "norm" in last or (norm_mode == "scalar" and delta.numel() == 1):
+        return "norm"
+    if "embed" in last or last.endswith("_embedding"):
+        return "embedding"
+    if "conv" in last:
+        return "conv2d"
+    return "linear"
+
+
+def block_of(name: str) -> str:
+    """The block a module belongs to: `down_blocks.0`, `mid_block`, `up_blocks.1`, `encoder.layers.3`, `conv_in`..."""
+    parts = name.split(".")
+    if parts[0].endswith("_block"):  # mid_block.attentions.0 → mid_block
+        return parts[0]
+    if len(parts) > 1 and parts[1].isdigit():
+        return ".".join(parts[:2])
+    if len(parts) > 2 and parts[2].isdigit():
+        return ".".join(parts[:3])
+    return parts[0]
+
+
+def qualified(component: str, name: str) -> str:
+    return f"{component}.{name}" if component else name
+
+
+def module_fingerprint(info: BaseModule) -> list[float]:
+    """The fingerprint format v1 records for this base module (same numbers as the model loader computes)."""
+    if info.factors is not None:
+        return fingerprint_from_singular_values(info.factors.S[:FINGERPRINT_LENGTH])
+    return norm_fingerprint(info.weight)
+
+
+def check_not_exists(path: Union[str, os.PathLike, None], overwrite: bool) -> None:
+    if path is not None and Path(path).exists() and not overwrite:
+        raise ToolError(f"{os.fspath(path)} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
