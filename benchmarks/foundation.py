@@ -18,7 +18,6 @@ Writes benchmarks/results/foundation.json and benchmarks/results/foundation.md (
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -26,11 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from common import lora_state_dict, median_time, randomize_shifts, timed
 
 import svdiff_adapter as sa
 from svdiff_adapter.svd import SVDCache, weight_matrix
@@ -43,18 +41,6 @@ UNET_CONFIG = dict(target_kinds=["linear", "conv2d", "norm"], norm_mode="scalar"
 TEXT_CONFIG = dict(target_kinds=["linear", "embedding", "norm"], norm_mode="scalar")
 
 
-def timed(function):
-    gc.collect()
-    start = time.perf_counter()
-    result = function()
-    return time.perf_counter() - start, result
-
-
-def median_time(function, repeats):
-    function()  # warm-up (builds caches)
-    return statistics.median(timed(function)[0] for _ in range(repeats))
-
-
 def svd_loop(matrices, transpose_wide):
     for matrix in matrices:
         work = matrix.T if transpose_wide and matrix.shape[0] < matrix.shape[1] else matrix
@@ -63,32 +49,6 @@ def svd_loop(matrices, transpose_wide):
 
 def fp32_factor_bytes(matrices):
     return sum(4 * (m.shape[0] * min(m.shape) + min(m.shape) + min(m.shape) * m.shape[1]) for m in matrices)
-
-
-def lora_state_dict(model, names, rank=4):
-    """A rank-4 LoRA on the same Linear/Conv2d modules, in diffusers' key layout."""
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(names), init_lora_weights=False)
-    inject_adapter_in_model(config, model, "lora_probe")
-    state = get_peft_model_state_dict(model, adapter_name="lora_probe")
-    model.delete_adapters("lora_probe") if hasattr(model, "delete_adapters") else None
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):  # strip the probe's wrappers again
-        if isinstance(module, BaseTunerLayer):
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    model._hf_peft_config_loaded = False
-    return {f"unet.{k}": v.contiguous() for k, v in state.items()}, config
-
-
-def random_shift(model, adapter, scale=0.02):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in spectral_layers(model):
-            base = layer.spectral_S.mean() if layer.uses_factors else 1.0
-            layer.spectral_delta[adapter].copy_(torch.randn(layer.shift_size, generator=generator) * scale * base)
 
 
 def bench_unet(folder, repeats, skip_plain, work):
@@ -111,7 +71,7 @@ def bench_unet(folder, repeats, skip_plain, work):
         for b in (layer.spectral_U, layer.spectral_S, layer.spectral_Vh) if b is not None
     )
     row["fp32_usv_bytes"] = fp32_factor_bytes(matrices)
-    random_shift(unet, "shift")
+    randomize_shifts(unet, "shift")
     shift_path = work / "shift.safetensors"
     sa.save_spectral_shift(shift_path, {"unet": unet}, "shift")
     row["file_bytes"] = shift_path.stat().st_size
@@ -148,7 +108,7 @@ def bench_unet(folder, repeats, skip_plain, work):
     row["load_cached_s"], _ = timed(lambda: sa.load_spectral_shift({"unet": unet}, shift_path, "cached",
                                                                   svd_cache=cache))
     sa.unload_spectral_shift(unet)
-    lora_state, _ = lora_state_dict(unet, linear_conv)
+    lora_state = lora_state_dict(unet, linear_conv, "unet")
     lora_path = work / "pytorch_lora_weights.safetensors"
     from safetensors.torch import save_file
 
@@ -174,7 +134,7 @@ def bench_text_encoder(folder, repeats, work):
         for b in (layer.spectral_U, layer.spectral_S, layer.spectral_Vh) if b is not None
     )
     row["fp32_usv_bytes"] = fp32_factor_bytes(matrices)
-    random_shift(text_encoder, "shift")
+    randomize_shifts(text_encoder, "shift")
     ids = torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(3))
 
     def forward():

@@ -243,6 +243,24 @@ def _run_pull(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- train
+@register_subcommand("train")
+def _add_train(subparsers):
+    from .training import add_train_arguments
+
+    parser = subparsers.add_parser("train", help="Train a spectral shift, DreamBooth-style (docs/training.md).")
+    add_train_arguments(parser)
+    parser.set_defaults(handler=_run_train)
+    return parser
+
+
+def _run_train(args) -> int:
+    from .training import main as train_main
+
+    train_main(args)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdiff", description="Tools for SVDiff spectral-shift files.")

@@ -1,0 +1,30 @@
+"""DreamBooth-style training of spectral shifts: data, Cut-Mix-Unmix, the unmix regularisation, the loss, the
+optimizer, checkpoints and the loop (`train`). Imported on demand (not by `import svdiff_adapter`)."""
+
+from .args import add_train_arguments, build_parser, parse_args
+from .attention import (
+    AttentionProbsRecorder,
+    CrossAttentionStore,
+    identifier_token_weights,
+    install_attention_recorders,
+    unmix_loss,
+)
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cutmix import CutMixSample, cut_mix, cut_mix_prompt, draw_pair
+from .data import Batch, DreamBoothData
+from .images import ImageTransform, TrainingDataError, list_images, load_image, load_images
+from .loop import main, train
+from .loss import Frozen, training_loss
+from .optim import make_optimizer, shift_parameters
+from .prior import ensure_class_images
+from .subjects import Subject, check_identifier, infer_identifier, load_concepts_list, parse_subject
+
+
+__all__ = [
+    "AttentionProbsRecorder", "Batch", "CrossAttentionStore", "CutMixSample", "DreamBoothData", "Frozen",
+    "ImageTransform", "Subject", "TrainingDataError", "add_train_arguments", "build_parser", "check_identifier",
+    "cut_mix", "cut_mix_prompt", "draw_pair", "ensure_class_images", "identifier_token_weights",
+    "infer_identifier", "install_attention_recorders", "list_checkpoints", "list_images", "load_checkpoint",
+    "load_concepts_list", "load_image", "load_images", "main", "make_optimizer", "parse_args", "parse_subject",
+    "resolve_checkpoint", "save_checkpoint", "shift_parameters", "train", "training_loss", "unmix_loss",
+]

@@ -1,0 +1,210 @@
+"""The training loop: `train(args)` with the options of `add_train_arguments` (the example script and
+``svdiff train`` are thin wrappers around it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..format import DEFAULT_WEIGHT_NAME
+from ..loaders import add_spectral_shift, save_spectral_shift
+from ..tuner import SpectralShiftConfig
+from .attention import CrossAttentionStore, install_attention_recorders
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data import DreamBoothData
+from .images import ImageTransform
+from .loss import Frozen, training_loss
+from .optim import make_optimizer, trainable_parameters
+from .publish import push_output, run_validation
+from .prepare import build_subjects, load_components, prepare_class_images, svd_cache_option, target_kinds
+
+
+logger = logging.getLogger(__name__)
+
+def _step_generator(seed: Optional[int], process_index: int, micro_step: int) -> torch.Generator:
+    # One generator per micro-step and process: the data, noise and timesteps of step k do not depend on how the
+    # run got there, so an interrupted and resumed run draws exactly what an uninterrupted one draws.
+    base = 0 if seed is None else seed
+    return torch.Generator().manual_seed((base * 1_000_003 + process_index * 7_919 + micro_step) % (2**63))
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(args: argparse.Namespace) -> dict:
+    """Train spectral shifts; returns a summary (paths, steps, last losses). See docs/training.md."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    if args.seed is None:
+        args.seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    _forget_previous_run()
+    report_to = _available_tracker(args.report_to)
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
+                                                                                         args.logging_dir))
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    subjects = build_subjects(args)
+    transform = ImageTransform(args.resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    class_images = prepare_class_images(args, subjects, accelerator)
+    data = DreamBoothData(subjects, transform, cutmix_prob=args.cutmix_prob,
+                          with_prior_preservation=args.with_prior_preservation, class_images=class_images)
+
+    tokenizer, noise_scheduler, text_encoder, vae, unet = load_components(args)
+    name = args.adapter_name
+    cache = svd_cache_option(args)
+    add_spectral_shift(unet, SpectralShiftConfig(target_kinds=target_kinds(args.unet_target_kinds),
+                                                 norm_mode=args.norm_mode), name, svd_cache=cache)
+    trained = {"unet": unet}
+    if args.train_text_encoder:
+        text_config = SpectralShiftConfig(target_kinds=target_kinds(args.text_encoder_target_kinds),
+                                          norm_mode=args.norm_mode)
+        add_spectral_shift(text_encoder, text_config, name, svd_cache=cache)
+        trained["text_encoder"] = text_encoder
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    store = None
+    if args.unmix_weight > 0 and len(subjects) > 1:
+        store = CrossAttentionStore()
+        install_attention_recorders(unet, store)
+
+    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr \
+        else 1
+    optimizer = make_optimizer(trained, name, args.learning_rate * scale, args.learning_rate_1d * scale,
+                               betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                               eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+
+    # Frozen models in the autocast precision; the trained models keep fp32 base weights (fingerprints, exact δ=0).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    if not args.train_text_encoder:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    models = {component: accelerator.unwrap_model(model) for component, model in
+              (("unet", unet), ("text_encoder", text_encoder)) if component in trained}
+    frozen = Frozen(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler)
+
+    global_step = 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.warning("No checkpoint found in %s; starting a new run.", args.output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, models, name, optimizer, lr_scheduler)
+        global_step = int(state["global_step"])
+        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("svdiff-dreambooth", config=config)
+
+    def checkpoint_now(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = save_checkpoint(args.output_dir, step, models, name, optimizer, lr_scheduler,
+                                   extra={"seed": args.seed}, total_limit=args.checkpoints_total_limit)
+            logger.info("Saved %s", path)
+
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    history: list[dict] = []
+    accumulation = args.gradient_accumulation_steps
+    for model in trained.values():
+        model.train()
+    try:
+        while global_step < args.max_train_steps:
+            parts_sum: dict[str, float] = {}
+            for micro in range(accumulation):
+                generator = _step_generator(args.seed, accelerator.process_index, global_step * accumulation + micro)
+                batch = data.sample(args.train_batch_size, generator)
+                with accelerator.accumulate(*[unet, text_encoder][: len(trained)]):
+                    with accelerator.autocast():
+                        loss, parts = training_loss(
+                            unet, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
+                            unmix_weight=args.unmix_weight, store=store, train_text_encoder=args.train_text_encoder)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(list(trainable_parameters(optimizer)), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in parts.items():
+                    parts_sum[key] = parts_sum.get(key, 0.0) + value / accumulation
+            global_step += 1
+            progress.update(1)
+            logs = {**parts_sum, "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(loss=f"{parts_sum['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+            history.append(logs)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                checkpoint_now(global_step)
+            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                if accelerator.is_main_process:
+                    run_validation(args, accelerator, models, vae, text_encoder, tokenizer, global_step)
+    except KeyboardInterrupt:
+        accelerator.print(f"Interrupted: saving a checkpoint at step {global_step} before exiting.")
+        if accelerator.is_main_process:
+            save_checkpoint(args.output_dir, global_step, models, name, optimizer, lr_scheduler,
+                            extra={"seed": args.seed, "interrupted": True}, total_limit=args.checkpoints_total_limit)
+        accelerator.end_training()
+        raise
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    weights_path = Path(args.output_dir) / DEFAULT_WEIGHT_NAME
+    if accelerator.is_main_process:
+        save_spectral_shift(weights_path, models, name,
+                            base_model=args.base_model_id or args.pretrained_model_name_or_path,
+                            base_revision=args.revision)
+        if args.push_to_hub:
+            push_output(args, subjects)
+    accelerator.end_training()
+    return {"weights": str(weights_path), "global_step": global_step, "history": history, "models": models}
+
+
+def _forget_previous_run() -> None:
+    # accelerate keeps its state (mixed precision, ...) in a process-wide singleton: a second `train()` in the same
+    # process (tests, `svdiff train` called from Python) with other options would be refused. The distributed part
+    # (PartialState, the process group) is kept.
+    from accelerate.state import AcceleratorState
+
+    if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()
+
+
+def _available_tracker(report_to: Optional[str]):
+    if not report_to or report_to == "none":
+        return None
+    import importlib.util
+
+    wanted = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+    found = [t for t in wanted if importlib.util.find_spec(t if t != "tensorboard" else "tensorboard") is not None]
+    for missing in set(wanted) - set(found):
+        logger.warning("--report_to %s: %s is not installed; not logging to it.", report_to, missing)
+    return found or None
+
+
+def main(args: Optional[argparse.Namespace] = None) -> dict:
+    """Entry point for ``svdiff train`` and the example script: parse (if needed) and train."""
+    from .args import parse_args
+
+    if args is None:
+        args = parse_args()
+    return train(args)

@@ -1,0 +1,134 @@
+"""Setting up a training run: subjects from the options, the base model's components, prior class images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .images import TrainingDataError, load_images
+from .prior import ensure_class_images
+from .subjects import Subject, check_identifier, load_concepts_list, parse_subject
+
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def build_subjects(args: argparse.Namespace) -> list[Subject]:
+    """Subjects from --instance_data_dir/--instance_prompt, --subject specs or --concepts_list (exactly one)."""
+    sources = [bool(args.instance_data_dir), bool(args.subject), bool(args.concepts_list)]
+    if sum(sources) != 1:
+        raise TrainingDataError("Give exactly one of --instance_data_dir (with --instance_prompt), --subject (one "
+                                "or more) or --concepts_list.")
+    if args.instance_data_dir:
+        if not args.instance_prompt:
+            raise TrainingDataError("--instance_data_dir needs --instance_prompt, e.g. 'a photo of sks dog'.")
+        if args.with_prior_preservation:
+            if not args.class_prompt:
+                raise TrainingDataError("--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'.")
+            check_identifier(args.instance_prompt, args.class_prompt)
+        return [Subject(args.instance_data_dir, args.instance_prompt, class_data_dir=args.class_data_dir,
+                        class_prompt=args.class_prompt)]
+    subjects = [parse_subject(spec) for spec in args.subject] if args.subject else load_concepts_list(
+        args.concepts_list)
+    for index, subject in enumerate(subjects):
+        if args.with_prior_preservation:
+            if subject.class_prompt is None:
+                raise TrainingDataError(f"Subject {subject.instance_data_dir!r} needs class= or class_prompt= for "
+                                        "prior preservation.")
+            check_identifier(subject.instance_prompt, subject.class_prompt)
+            if subject.class_data_dir is None:
+                label = (subject.class_name or f"subject{index}").replace(" ", "_")
+                subject.class_data_dir = os.path.join(args.output_dir, "class_images", label)
+    return subjects
+
+
+def check_base_model(path: str) -> None:
+    """A local base-model folder must be an SD 1.x/2.x pipeline: clear errors for missing parts and SDXL."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a Hub id: from_pretrained reports its own errors
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{path!r} is not a diffusers pipeline folder (no model_index.json).")
+    index = json.loads(index_file.read_text())
+    if "text_encoder_2" in index or "transformer" in index:
+        raise NotImplementedError(f"{path!r} is not a Stable Diffusion 1.x/2.x pipeline ({index.get('_class_name')});"
+                                  " SDXL and transformer-based pipelines are not supported by the trainer yet.")
+    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (folder / c).is_dir()
+               or index.get(c) in (None, [None, None])]
+    if missing:
+        raise ValueError(f"The base model {path!r} lacks the component(s) {missing}; training needs "
+                         f"{list(REQUIRED_COMPONENTS)}.")
+
+
+def load_components(args: argparse.Namespace):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = args.pretrained_model_name_or_path
+    check_base_model(path)
+    common = {"revision": args.revision}
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    return tokenizer, noise_scheduler, text_encoder, vae, unet
+
+
+def target_kinds(text: str) -> list[str]:
+    return [kind.strip() for kind in text.split(",") if kind.strip()]
+
+
+def svd_cache_option(args):
+    value = getattr(args, "svd_cache", None)
+    if value is None:
+        return None
+    return False if str(value).lower() in ("none", "0", "false", "off") else value
+
+
+def prepare_class_images(args, subjects: list[Subject], accelerator) -> Optional[list]:
+    if not args.with_prior_preservation:
+        return None
+    for subject in subjects:
+        if not subject.class_data_dir:
+            raise TrainingDataError("--with_prior_preservation needs --class_data_dir.")
+    if accelerator.is_main_process:
+        def make_pipeline():
+            from diffusers import StableDiffusionPipeline
+
+            precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, torch_dtype=dtype, safety_checker=None,
+                requires_safety_checker=False, revision=args.revision, variant=args.variant)
+            return pipe.to(accelerator.device)
+
+        pipeline_holder: dict = {}
+
+        def cached_pipeline():
+            if "pipe" not in pipeline_holder:
+                pipeline_holder["pipe"] = make_pipeline()
+            return pipeline_holder["pipe"]
+
+        for index, subject in enumerate(subjects):
+            made = ensure_class_images(
+                subject.class_data_dir, subject.class_prompt, args.num_class_images, cached_pipeline,
+                resolution=args.resolution, sample_batch_size=args.sample_batch_size,
+                num_inference_steps=args.class_inference_steps,
+                seed=None if args.seed is None else args.seed + index, progress=accelerator.is_local_main_process)
+            if made:
+                logger.info("Generated %d class images in %s", made, subject.class_data_dir)
+        pipeline_holder.clear()
+    accelerator.wait_for_everyone()
+    return [load_images(s.class_data_dir, what="class image")[: args.num_class_images] for s in subjects]

@@ -1,0 +1,399 @@
+"""Training core (issue 4) on a tiny random pipeline saved to disk: loss, only-δ, prior images, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import svdiff_adapter as sa
+from svdiff_adapter.training import (
+    DreamBoothData,
+    Frozen,
+    ImageTransform,
+    Subject,
+    TrainingDataError,
+    ensure_class_images,
+    list_checkpoints,
+    load_image,
+    make_optimizer,
+    parse_args,
+    parse_subject,
+    train,
+    training_loss,
+)
+from svdiff_adapter.training.prepare import check_base_model
+
+RESOLUTION = 32
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A tiny random StableDiffusionPipeline (as examples/quickstart_tiny.py) with a character-level tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8, sample_size=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ))
+    vocab = {"<|startoftext|>": 0, "<pad>": 1, "<|endoftext|>": 2}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789[]":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = DDIMScheduler(steps_offset=1, set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+def write_images(folder, count=3, seed=0, modes=("RGB",), size=(40, 48)):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        mode = modes[index % len(modes)]
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(array).convert(mode)
+        image.save(folder / f"img{index}.{'jpg' if mode == 'CMYK' else 'png'}")
+    return str(folder)
+
+
+def train_args(model_dir, output_dir, *extra):
+    return parse_args([
+        "--pretrained_model_name_or_path", model_dir, "--output_dir", str(output_dir),
+        "--resolution", str(RESOLUTION), "--train_batch_size", "1", "--seed", "7", "--report_to", "none",
+        "--checkpointing_steps", "1000", *map(str, extra)])
+
+
+def load_deltas(path):
+    return sa.load_shift_file(path).deltas
+
+
+# ------------------------------------------------------------------------------------------------ learning
+def test_loss_decreases_on_fixed_batch(tiny_model_dir, tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    sa.add_spectral_shift(pipe.unet, sa.SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"]), "dog",
+                          svd_cache=False)
+    subject = Subject(write_images(tmp_path / "dog"), "a photo of sks dog", class_name="dog")
+    data = DreamBoothData([subject], ImageTransform(RESOLUTION, center_crop=True))
+    batch = data.sample(1, torch.Generator().manual_seed(0))
+    frozen = Frozen(pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                    DDPMScheduler.from_pretrained(tiny_model_dir, subfolder="scheduler"))
+    optimizer = make_optimizer({"unet": pipe.unet}, "dog", learning_rate=3e-2)
+    losses = []
+    for _ in range(15):
+        loss, _ = training_loss(pipe.unet, frozen, batch, torch.Generator().manual_seed(1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+
+
+def test_param_groups_split_matrix_and_norm_shifts(tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    sa.add_spectral_shift(unet, sa.SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"]), svd_cache=False)
+    optimizer = make_optimizer({"unet": unet}, "default")
+    matrix, norm = optimizer.param_groups
+    assert (matrix["lr"], norm["lr"]) == (1e-3, 1e-6)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    norm_names = {n for n, p in unet.named_parameters() if any(p is q for q in norm["params"])}
+    assert norm_names and all("norm" in n for n in norm_names)
+    total = sum(p.numel() for n, p in unet.named_parameters() if p.requires_grad)
+    assert total == sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+
+
+def test_train_changes_only_delta_and_saves_v1(tiny_model_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    instance = write_images(tmp_path / "dog")
+    args = train_args(tiny_model_dir, tmp_path / "out", "--instance_data_dir", instance, "--instance_prompt",
+                      "a photo of sks dog", "--max_train_steps", 3, "--random_flip", "--lr_scheduler",
+                      "constant_with_warmup", "--lr_warmup_steps", 1, "--gradient_accumulation_steps", 2)
+    result = train(args)
+    assert result["global_step"] == 3
+    weights = tmp_path / "out" / sa.DEFAULT_WEIGHT_NAME
+    shift = sa.load_shift_file(weights)
+    assert shift.base_model == tiny_model_dir and list(shift.deltas) == ["unet"]
+    assert any(d.abs().max() > 0 for d in shift.deltas["unet"].values())
+    # The base weights are bit-identical: load the shift into a fresh UNet and compare every base tensor.
+    fresh = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    base = {k: v.clone() for k, v in fresh.state_dict().items()}
+    sa.load_spectral_shift({"unet": fresh}, weights, svd_cache=False)  # fingerprints match the trained base
+    trained = result["models"]["unet"].state_dict()
+    for key, value in base.items():
+        holder = key.rsplit(".", 1)
+        wrapped = f"{holder[0]}.base_layer.{holder[1]}"
+        assert torch.equal(trained.get(key, trained.get(wrapped)), value), key
+
+
+def test_text_encoder_shifts_and_prior_images_generated_once(tiny_model_dir, tmp_path):
+    instance = write_images(tmp_path / "dog")
+    class_dir = tmp_path / "class"
+    write_images(class_dir, count=1, seed=5)  # one existing image: only the missing ones are generated
+    common = ["--instance_data_dir", instance, "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
+              "--class_data_dir", class_dir, "--class_prompt", "a photo of dog", "--num_class_images", 3,
+              "--class_inference_steps", 2, "--sample_batch_size", 2, "--max_train_steps", 2, "--train_text_encoder"]
+    train(train_args(tiny_model_dir, tmp_path / "out", *common))
+    files = sorted(class_dir.iterdir())
+    assert len(files) == 3 and sum(f.name.startswith("class-") for f in files) == 2
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+    shift = sa.load_shift_file(tmp_path / "out" / sa.DEFAULT_WEIGHT_NAME)
+    assert set(shift.deltas) == {"unet", "text_encoder"}
+    assert any(d.abs().max() > 0 for d in shift.deltas["text_encoder"].values())
+    # A second run reuses them (no pipeline is even loaded: ensure_class_images reports 0 generated).
+    train(train_args(tiny_model_dir, tmp_path / "out2", *common))
+    assert {f.name: f.stat().st_mtime_ns for f in class_dir.iterdir()} == stamps
+    calls = []
+    assert ensure_class_images(str(class_dir), "a photo of dog", 3, lambda: calls.append(1)) == 0 and not calls
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_interrupted_and_resumed_run_ends_with_the_same_delta(tiny_model_dir, tmp_path):
+    instance = write_images(tmp_path / "dog")
+    class_dir = write_images(tmp_path / "class", count=2, seed=3)
+    common = ["--instance_data_dir", instance, "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
+              "--class_data_dir", class_dir, "--class_prompt", "a photo of dog", "--num_class_images", 2,
+              "--gradient_accumulation_steps", 2, "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 3,
+              "--random_flip", "--learning_rate_1d", 1e-3]
+    train(train_args(tiny_model_dir, tmp_path / "full", *common, "--max_train_steps", 3))
+    train(train_args(tiny_model_dir, tmp_path / "split", *common, "--max_train_steps", 2, "--checkpointing_steps", 2))
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["checkpoint-2"]
+    assert not any(p.name.startswith(".checkpoint") for p in (tmp_path / "split").iterdir())
+    result = train(train_args(tiny_model_dir, tmp_path / "split", *common, "--max_train_steps", 3,
+                              "--resume_from_checkpoint", "latest"))
+    assert result["global_step"] == 3 and len(result["history"]) == 1
+    full = load_deltas(tmp_path / "full" / sa.DEFAULT_WEIGHT_NAME)["unet"]
+    split = load_deltas(tmp_path / "split" / sa.DEFAULT_WEIGHT_NAME)["unet"]
+    assert full.keys() == split.keys()
+    for key in full:
+        assert torch.equal(full[key], split[key]), key
+
+
+def test_checkpoint_contents_total_limit_and_validation_images(tiny_model_dir, tmp_path):
+    instance = write_images(tmp_path / "dog")
+    train(train_args(tiny_model_dir, tmp_path / "out", "--instance_data_dir", instance, "--instance_prompt",
+                     "a photo of sks dog", "--max_train_steps", 3, "--checkpointing_steps", 1,
+                     "--checkpoints_total_limit", 2, "--validation_prompt", "a photo of sks dog",
+                     "--validation_steps", 3, "--num_validation_images", 1, "--validation_inference_steps", 2))
+    checkpoints = list_checkpoints(tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out" / "validation").iterdir()] == ["step-000003-0.png"]
+    assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-3"]
+    assert {p.name for p in checkpoints[-1].iterdir()} == {"shifts.safetensors", "optimizer.pt", "scheduler.pt",
+                                                           "rng.pt", "state.json"}
+    assert json.loads((checkpoints[-1] / "state.json").read_text())["global_step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ data + errors
+def test_images_of_mixed_modes_become_rgb(tmp_path):
+    folder = write_images(tmp_path / "mixed", count=5, modes=("RGB", "L", "RGBA", "P", "CMYK"))
+    transform = ImageTransform(RESOLUTION, center_crop=False, random_flip=True)
+    for path in sorted(Path(folder).iterdir()):
+        image = load_image(path)
+        assert image.mode == "RGB"
+        tensor = transform(image, torch.Generator().manual_seed(0))
+        assert tensor.shape == (3, RESOLUTION, RESOLUTION) and -1 <= tensor.min() and tensor.max() <= 1
+        assert torch.equal(tensor, transform(image, torch.Generator().manual_seed(0)))
+
+
+def test_center_crop_and_flip():
+    array = np.zeros((32, 64, 3), dtype=np.uint8)
+    array[:, :16] = 255  # white left quarter, cut away by a center crop
+    image = Image.fromarray(array)
+    centered = ImageTransform(32, center_crop=True)(image)
+    assert centered.max() == -1
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8))
+    plain = ImageTransform(32, center_crop=True)(image)
+    flipping = ImageTransform(32, center_crop=True, random_flip=True)
+    seen = set()
+    for seed in range(12):
+        out = flipping(image, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, plain) or torch.equal(out, plain.flip(-1))
+        seen.add(bool(torch.equal(out, plain)))
+    assert seen == {True, False}
+
+
+def test_clear_errors_for_bad_data(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(TrainingDataError, match="holds no images"):
+        DreamBoothData([Subject(str(empty), "a photo of sks dog")], ImageTransform(RESOLUTION))
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        DreamBoothData([Subject(str(tmp_path / "nope"), "a photo of sks dog")], ImageTransform(RESOLUTION))
+    broken = tmp_path / "broken"
+    write_images(broken, count=1)
+    (broken / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(TrainingDataError, match="Cannot read image .*bad.jpg"):
+        DreamBoothData([Subject(str(broken), "a photo of sks dog")], ImageTransform(RESOLUTION))
+    with pytest.raises(TrainingDataError, match="no identifier token"):
+        parse_subject(f"dir={broken},prompt=a photo of dog,class=dog")
+    with pytest.raises(TrainingDataError, match="does not contain the identifier token 'zwx'"):
+        parse_subject(f"dir={broken},prompt=a photo of sks dog,class=dog,token=zwx")
+    with pytest.raises(TrainingDataError, match="no identifier token that the class prompt"):
+        train(train_args(tiny_model_dir, tmp_path / "o", "--instance_data_dir", str(broken), "--instance_prompt",
+                         "a photo of dog", "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                         "--class_data_dir", str(tmp_path / "c")))
+    assert parse_subject(f"dir={broken},prompt=a photo of sks dog, on grass,class=dog").token == "sks"
+
+
+def test_clear_errors_for_bad_base_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "no-vae"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ValueError, match=r"lacks the component\(s\) \['vae'\]"):
+        check_base_model(str(broken))
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(NotImplementedError, match="SDXL"):
+        check_base_model(str(broken))
+    with pytest.raises(ValueError, match="not a diffusers pipeline"):
+        check_base_model(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@pytest.mark.slow
+def test_two_process_ddp_run(tiny_model_dir, tmp_path):
+    """Two CPU processes (torchrun + gloo, ~25 s): both ranks end with identical δ, one file is written."""
+    instance = write_images(tmp_path / "dog")
+    out = tmp_path / "out"
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        "from svdiff_adapter.training import parse_args, train\n"
+        "from accelerate import PartialState\n"
+        "result = train(parse_args(sys.argv[1:]))\n"
+        "assert PartialState().num_processes == 2, PartialState()\n"
+        "from safetensors.torch import save_file\n"
+        "from svdiff_adapter.training.checkpoint import shift_state\n"
+        "rank = PartialState().process_index\n"
+        f"save_file(shift_state(result['models'], 'default'), '{tmp_path}/rank%d.safetensors' % rank)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    # torchrun sets RANK/WORLD_SIZE and ACCELERATE_USE_CPU makes accelerate pick multi-CPU DDP over gloo
+    # (`accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up).
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(probe),
+               "--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--resolution",
+               str(RESOLUTION), "--seed", "3", "--report_to", "none", "--instance_data_dir", instance,
+               "--instance_prompt", "a photo of sks dog", "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(v.abs().max() > 0 for v in rank0.values())
+    assert [p.name for p in out.iterdir() if p.suffix == ".safetensors"] == [sa.DEFAULT_WEIGHT_NAME]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model_dir, tmp_path):
+    import _thread
+    import signal
+    import threading
+    import time
+
+    instance = write_images(tmp_path / "dog")
+    out = tmp_path / "out"
+    common = ["--instance_data_dir", instance, "--instance_prompt", "a photo of sks dog"]
+    stop = threading.Event()
+
+    def press_ctrl_c_after_first_checkpoint():
+        while not stop.is_set():
+            if (out / "checkpoint-1").is_dir():
+                _thread.interrupt_main()
+                return
+            time.sleep(0.05)
+
+    # A shell may start background jobs with SIGINT ignored; Ctrl-C needs Python's handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    watcher = threading.Thread(target=press_ctrl_c_after_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(train_args(tiny_model_dir, out, *common, "--max_train_steps", 30, "--checkpointing_steps", 1))
+    finally:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+    latest = list_checkpoints(out)[-1]
+    state = json.loads((latest / "state.json").read_text())
+    assert state.get("interrupted") is True and state["global_step"] >= 1
+    assert not (out / sa.DEFAULT_WEIGHT_NAME).exists()
+    result = train(train_args(tiny_model_dir, out, *common, "--max_train_steps", state["global_step"] + 1,
+                              "--resume_from_checkpoint", "latest"))
+    assert result["global_step"] == state["global_step"] + 1 and len(result["history"]) == 1
+
+
+def test_example_script_and_defaults(tiny_model_dir, tmp_path):
+    import argparse
+
+    from svdiff_adapter.training import add_train_arguments
+
+    defaults = add_train_arguments(argparse.ArgumentParser()).parse_args(["--pretrained_model_name_or_path", "x"])
+    assert (defaults.learning_rate, defaults.learning_rate_1d, defaults.cutmix_prob) == (1e-3, 1e-6, 0.6)
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_dreambooth_svdiff.py"
+    instance = write_images(tmp_path / "dog")
+    completed = subprocess.run(
+        [sys.executable, str(script), "--pretrained_model_name_or_path", tiny_model_dir, "--output_dir",
+         str(tmp_path / "out"), "--instance_data_dir", instance, "--instance_prompt", "a photo of sks dog",
+         "--resolution", str(RESOLUTION), "--max_train_steps", "1", "--report_to", "none", "--seed", "0"],
+        capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "out" / sa.DEFAULT_WEIGHT_NAME).is_file()
+
+
+def test_bf16_mixed_precision_keeps_shifts_fp32(tiny_model_dir, tmp_path):
+    instance = write_images(tmp_path / "dog")
+    result = train(train_args(tiny_model_dir, tmp_path / "out", "--instance_data_dir", instance, "--instance_prompt",
+                              "a photo of sks dog", "--max_train_steps", 2, "--mixed_precision", "bf16",
+                              "--gradient_checkpointing"))
+    unet = result["models"]["unet"]
+    deltas = [p for n, p in unet.named_parameters() if "spectral_delta" in n]
+    assert all(p.dtype == torch.float32 for p in deltas) and any(p.abs().max() > 0 for p in deltas)
+    assert np.isfinite(result["history"][-1]["loss"])
+    from diffusers import UNet2DConditionModel
+
+    fresh = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    sa.load_spectral_shift({"unet": fresh}, tmp_path / "out" / sa.DEFAULT_WEIGHT_NAME, svd_cache=False)
+
+
+def test_push_to_hub_uploads_shift_card_and_images(tiny_model_dir, tmp_path, hub_api, hub_token, unique_repo_id):
+    instance = write_images(tmp_path / "dog")
+    train(train_args(tiny_model_dir, tmp_path / "out", "--instance_data_dir", instance, "--instance_prompt",
+                     "a photo of sks dog", "--max_train_steps", 1, "--checkpointing_steps", 1,
+                     "--validation_prompt", "a photo of sks dog", "--validation_steps", 1,
+                     "--num_validation_images", 1, "--validation_inference_steps", 1, "--push_to_hub",
+                     "--hub_model_id", unique_repo_id, "--hub_token", hub_token))
+    files = set(hub_api.list_repo_files(unique_repo_id))
+    assert files == {sa.DEFAULT_WEIGHT_NAME, "README.md", "images/step-000001-0.png"} | ({".gitattributes"} & files)
