@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,6 +174,8 @@ def markdown(results):
     lines = [
         f"Machine: {results['machine']}; torch threads: {results['threads']}; command: `{results['command']}`",
         "",
+        results.get("anchor_source", "svdiff-pytorch numbers from the same run"),
+        "",
         "| measure | ours | anchor | ratio (ours / anchor) | target |",
         "|---|---|---|---|---|",
         f"| UNet cold injection incl. SVD vs SVD loop, wide transposed (floor) | {unet['inject_cold_s']:.1f} s | "
@@ -250,6 +251,7 @@ def main():
         results["text_encoder"] = bench_text_encoder(args.models / "text_encoder", args.repeats, work)
     if args.anchor_json:
         results["svdiff_pytorch"] = json.loads(args.anchor_json.read_text())
+        results["anchor_source"] = f"svdiff-pytorch numbers read from {args.anchor_json} (a separate run)"
     else:
         print("svdiff-pytorch anchor ...", file=sys.stderr)
         results["svdiff_pytorch"] = run_anchor(args.anchor_venv, args.models, 1, args.threads)

@@ -1,7 +1,6 @@
 """The SVD engine: correct factors, the on-disk cache (never stale, self-healing, safe under concurrency)."""
 
 import multiprocessing
-import os
 
 import pytest
 import torch

@@ -435,20 +435,3 @@ def test_push_then_pull_and_inspect_a_repo(tmp_path, local_hub, hub_token, uniqu
     assert inspect_shift(unique_repo_id)["base_model"] == "tests/tiny-unet"  # Hub id through the Hub functions
     with pytest.raises(FileNotFoundError):
         push_shift(tmp_path / "missing.safetensors", unique_repo_id, token=hub_token)
-
-
-def test_hub_commands_say_when_hub_support_is_missing(tmp_path, monkeypatch, capsys):
-    import sys
-
-    import svdiff_adapter.loaders as loaders
-
-    monkeypatch.setitem(sys.modules, "svdiff_adapter.loaders.hub", None)  # as before the pipeline issue lands
-    if hasattr(loaders, "hub"):
-        monkeypatch.delattr(loaders, "hub")
-    assert main(["pull", "user/some-repo"]) == 1
-    assert "not available yet" in capsys.readouterr().err
-    path, _ = save_shift(tmp_path, 1)
-    assert main(["push", str(path), "user/some-repo"]) == 1
-    assert main(["inspect", "user/some-repo"]) == 1
-    assert "not available yet" in capsys.readouterr().err
-    assert main(["inspect", str(path)]) == 0  # local files need no Hub support

@@ -28,6 +28,8 @@ For each model it measures:
   (``shifted_s``); svdiff-pytorch recomposes every weight ``U diag(ReLU(S + scale*delta)) Vh``
   on every call. UNet: sample (2, in_ch, 64, 64), timestep 500, encoder_hidden_states
   (2, 77, cross_attention_dim); text encoder: input_ids (2, 77).
+* ``*_cpu_s``: process CPU seconds for the same spans (all threads); with ``--threads T`` on an
+  idle machine wall ~ cpu/T. ``loadavg_start``/``loadavg_end`` flag a contended machine.
 * ``usv_bytes``: bytes of the U, S, Vh tensors the layers keep (plain attributes, fp32).
 """
 
@@ -96,13 +98,15 @@ def prepare_text_encoder_dir(src, tmp_root):
 
 
 def timed_forwards(fn, repeats):
+    """Median wall seconds of ``repeats`` calls after one warm-up; also process CPU seconds."""
     fn()  # warm-up
-    ts = []
+    ts, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
+        cpu.append(time.process_time() - c0)
+    return statistics.median(ts), ts, statistics.median(cpu)
 
 
 def bench_model(kind, folder, args):
@@ -155,7 +159,7 @@ def bench_model(kind, folder, args):
     res["params"] = sum(p.numel() for p in plain.parameters())
     res["weight_bytes"] = sum(p.numel() * p.element_size() for p in plain.parameters())
     log(f"[{kind}] plain model loaded in {res['plain_load_s']:.1f}s; timing base forward")
-    base_med, base_all = timed_forwards(lambda: run(plain), args.repeats)
+    base_med, base_all, base_cpu = timed_forwards(lambda: run(plain), args.repeats)
     out_plain = run(plain)
     del plain
     gc.collect()
@@ -176,7 +180,7 @@ def bench_model(kind, folder, args):
 
     per_type = {}
     slowest = []
-    t_svd = time.perf_counter()
+    t_svd, c_svd = time.perf_counter(), time.process_time()
     for name, m in mods:
         t1 = time.perf_counter()
         m.perform_svd()
@@ -188,6 +192,7 @@ def bench_model(kind, folder, args):
         d["singular_values"] += m.S.numel()
         slowest.append((dt, name, list(m.weight.shape)))
     res["svd_s"] = time.perf_counter() - t_svd
+    res["svd_cpu_s"] = time.process_time() - c_svd
     res["load_plus_svd_s"] = res["load_s"] + res["svd_s"]
     res["spectral_layers"] = len(mods)
     res["per_type"] = per_type
@@ -207,13 +212,15 @@ def bench_model(kind, folder, args):
     with torch.no_grad():
         for _, m in mods:
             m.delta.copy_(args.delta_std * m.S[0] * torch.randn(m.delta.shape, generator=g))
-    shifted_med, shifted_all = timed_forwards(lambda: run(model), args.repeats)
+    shifted_med, shifted_all, shifted_cpu = timed_forwards(lambda: run(model), args.repeats)
     out_shift = run(model)
     res["forward"] = {
         "base_s": base_med,
         "shifted_s": shifted_med,
         "ratio": shifted_med / base_med,
         "base_all_s": base_all,
+        "base_cpu_s": base_cpu,
+        "shifted_cpu_s": shifted_cpu,
         "shifted_all_s": shifted_all,
         "output_max_abs_diff_shifted_vs_base": float((out_shift - out_plain).abs().max()),
         "delta_std_rel_sigma0": args.delta_std,
@@ -259,6 +266,8 @@ def main():
             "threads": args.threads,
             "repeats": args.repeats,
             "cpu_count": os.cpu_count(),
+            # wall times are only meaningful if this was low; compare *_cpu_s otherwise
+            "loadavg_start": list(os.getloadavg()),
         }
         if args.unet:
             out["unet"] = bench_model("unet", args.unet, args)
@@ -268,6 +277,7 @@ def main():
             r["folder"] = os.path.abspath(args.text_encoder)
             r["rekeyed_to_text_model_prefix"] = rekeyed
             out["text_encoder"] = r
+        out["loadavg_end"] = list(os.getloadavg())
         out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     real_stdout.write(json.dumps(out, indent=1) + "\n")
     real_stdout.flush()

@@ -18,7 +18,7 @@ DEFAULT_WEIGHT_NAMES = (DEFAULT_WEIGHT_NAME, *LEGACY_WEIGHT_NAMES)
 _LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 
 
-class SpectralShiftNotFoundError(OSError):
+class SpectralShiftNotFoundError(FileNotFoundError):
     """No spectral-shift file where one was asked for: a missing file, folder, repo, revision, or a cache miss."""
 
 

@@ -35,6 +35,11 @@ _SAVED_CONFIG_KEYS = ("target_kinds", "norm_mode")
 _WRAPPER_HOPS = re.compile(r"\.base_layer(?=\.|$)|(?:^|(?<=\.))_orig_mod\.")
 
 
+def module_path(layer_name: str) -> str:
+    """The user-facing module path of a layer: without the hops of other tuners and of `torch.compile`."""
+    return _WRAPPER_HOPS.sub("", layer_name)
+
+
 def _components(models: ModelOrComponents) -> dict[str, nn.Module]:
     return dict(models) if isinstance(models, Mapping) else {"": models}
 
@@ -78,7 +83,7 @@ def get_spectral_shift_state_dict(model: nn.Module, adapter_name: str = "default
         raise ValueError(f"Unknown spectral adapter {adapter_name!r}; loaded: {spectral_adapter_names(model)}.")
     return {
         # A LoRA wrapping our layer puts it at "<module>.base_layer"; files name the module itself.
-        _WRAPPER_HOPS.sub("", name): layer.spectral_delta[adapter_name].detach().float().clone()
+        module_path(name): layer.spectral_delta[adapter_name].detach().float().clone()
         for name, layer in spectral_layers(model) if adapter_name in layer.spectral_delta
     }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Union
@@ -45,6 +44,7 @@ from .hub import read_shift_files, resolve_shift_files, upload_shift_folder
 from .model import (
     layer_fingerprint,
     load_spectral_shift as load_shift_into_models,
+    module_path,
     spectral_adapter_names,
     to_shift_file,
     unload_spectral_shift as unload_shift_from_model,
@@ -62,16 +62,9 @@ PIPELINE_CLASS_NAMES = (
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
 )
-_WRAPPER_HOPS = re.compile(r"\.base_layer(?=\.|$)|(?:^|(?<=\.))_orig_mod\.")
 _BLOCK_SIDES = {"down_blocks": "down", "up_blocks": "up"}
 
 Weight = Union[float, int, None, dict]
-
-
-def _module_path(name: str) -> str:
-    """The user-facing module path of a tuner layer: without the `.base_layer` hops of other tuners wrapping it and
-    the `_orig_mod.` of `torch.compile`."""
-    return _WRAPPER_HOPS.sub("", name)
 
 
 def _as_list(names: Union[str, Iterable[str], None]) -> Optional[list[str]]:
@@ -117,14 +110,14 @@ def _check_number(value, where: str) -> None:
         raise ValueError(f"The weight for {where} should be a number, got {value!r}.")
 
 
-def _block_weight(spec: Mapping, module_path: str, default: float = 1.0) -> float:
+def _block_weight(spec: Mapping, path: str, default: float = 1.0) -> float:
     """The weight a per-block dict gives one UNet module.
 
     `mid` covers `mid_block.*`; `down`/`up` cover every module of `down_blocks.*`/`up_blocks.*` (attentions,
     resnets, samplers); `{"block_i": w}` one block; `{"block_i": [w0, w1, ...]}` layer j of the block
     (`attentions.j` and `resnets.j`). Anything not named (conv_in, time embedding, conv_out, ...) gets `default`.
     """
-    parts = module_path.split(".")
+    parts = path.split(".")
     if parts[0] == "mid_block":
         value = spec.get("mid", default)
         return float(value[0] if isinstance(value, list) else value)
@@ -385,7 +378,7 @@ class SpectralShiftLoaderMixin:
             if new_mode != config.norm_mode:
                 problems.append(f"{component}: norm_mode {new_mode!r} instead of {config.norm_mode!r}")
             layers = {
-                _module_path(name): layer for name, layer in spectral_layers(model)
+                module_path(name): layer for name, layer in spectral_layers(model)
                 if adapter_name in layer.spectral_delta
             }
             deltas = shift_file.deltas.get(component, {})
@@ -626,7 +619,7 @@ class SpectralShiftLoaderMixin:
                 functions[component].append(_weight_function(value, component, model, name))
         for component, module_name, layer in list(self._tuner_layers()):
             layer.set_adapter(list(names))
-            path = _module_path(module_name)
+            path = module_path(module_name)
             for name, function in zip(names, functions[component]):
                 layer.set_scale(name, function(path))
 

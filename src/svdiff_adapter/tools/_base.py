@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -12,14 +11,8 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..format import (
-    COMPONENTS,
-    DEFAULT_WEIGHT_NAME,
-    FINGERPRINT_LENGTH,
-    LEGACY_WEIGHT_NAMES,
-    SpectralShiftFile,
-    load_shift_file,
-)
+from ..format import COMPONENTS, FINGERPRINT_LENGTH, SpectralShiftFile
+from ..loaders.hub import read_shift_files, resolve_shift_files
 from ..loaders.model import fingerprint_from_singular_values, norm_fingerprint  # the one fingerprint definition
 from ..svd import SpectralFactors, compute_factors, weight_matrix
 from ..tuner.layer import module_kind, unsupported_reason, uses_factors
@@ -33,86 +26,13 @@ class ToolError(ValueError):
     """A tool cannot do what was asked (mismatched bases, unknown mode, bad option); the message says why."""
 
 
-def read_shift(source: ShiftSource) -> SpectralShiftFile:
-    """A `SpectralShiftFile` from a file, a folder (v1 file, or svdiff-pytorch's one or two files) or itself.
-
-    Raises `FileNotFoundError` for a missing path; Hub repo ids are resolved by `read_shift_or_repo`.
-    """
+def read_shift(source: ShiftSource, **hub_kwargs) -> SpectralShiftFile:
+    """A `SpectralShiftFile` from itself, a file, a folder (v1 file, or svdiff-pytorch's one or two files) or a Hub
+    repo id (`hub_kwargs`: revision, token, ... as in `loaders.hub.resolve_shift_files`)."""
     if isinstance(source, SpectralShiftFile):
         return source
-    path = Path(os.path.expanduser(os.fspath(source)))
-    if path.is_file():
-        return load_shift_file(path)
-    if path.is_dir():
-        if (path / DEFAULT_WEIGHT_NAME).is_file():
-            return load_shift_file(path / DEFAULT_WEIGHT_NAME)
-        legacy = [path / name for name in LEGACY_WEIGHT_NAMES if (path / name).is_file()]
-        if not legacy:
-            raise FileNotFoundError(
-                f"No spectral-shift file in folder {path} (looked for {[DEFAULT_WEIGHT_NAME, *LEGACY_WEIGHT_NAMES]})."
-            )
-        return combine_components([load_shift_file(p) for p in legacy])
-    raise FileNotFoundError(f"No such file or folder: {os.fspath(source)!r}.")
+    return read_shift_files(resolve_shift_files(source, **hub_kwargs))
 
-
-def read_shift_or_repo(source: ShiftSource, **hub_kwargs) -> SpectralShiftFile:
-    """`read_shift`, falling back to a Hub repo id through the pipeline issue's Hub functions (imported lazily)."""
-    if isinstance(source, SpectralShiftFile) or Path(os.path.expanduser(os.fspath(source))).exists():
-        return read_shift(source)
-    hub = hub_module()
-    return hub.read_shift_files(hub.resolve_shift_files(os.fspath(source), **hub_kwargs))
-
-
-def hub_module():
-    """`svdiff_adapter.loaders.hub`, or a clear error while the pipeline/Hub issue has not landed it."""
-    try:
-        from ..loaders import hub
-    except ImportError as error:
-        raise ToolError(
-            f"Hub support is not available yet in this installation of svdiff-adapter ({error}); use local files."
-        ) from error
-    for name in ("resolve_shift_files", "read_shift_files", "upload_shift_folder"):
-        if not hasattr(hub, name):
-            raise ToolError(f"Hub support is not available yet: svdiff_adapter.loaders.hub has no {name}().")
-    return hub
-
-
-def combine_components(files: list[SpectralShiftFile]) -> SpectralShiftFile:
-    """Join files that hold different components (svdiff-pytorch's UNet and text-encoder files) into one."""
-    result = SpectralShiftFile(deltas={}, source=files[0].source)
-    for shift_file in files:
-        clash = set(result.deltas) & set(shift_file.deltas)
-        if clash:
-            raise ToolError(f"Two of the files hold the same component(s) {sorted(clash)}.")
-        result.deltas.update(shift_file.deltas)
-        result.configs.update(shift_file.configs)
-        result.fingerprints.update(shift_file.fingerprints)
-        result.base_model = result.base_model or shift_file.base_model
-        result.base_revision = result.base_revision or shift_file.base_revision
-    return result
-
-
-# Below this many elements per matrix, per-module math runs on one thread (see `small_math`).
-SMALL_MATRIX = 512 * 512
-
-
-@contextlib.contextmanager
-def small_math(numel: int):
-    """Run the math of one small module on one CPU thread.
-
-    OpenMP threads only add overhead on small matrices, and on a busy machine their spin-waits dominate: extracting
-    a tiny UNet measured 13.7 s with 2 threads vs 0.18 s with 1 (load average 9 on 2 cores). svd.py does the same
-    for its SVDs.
-    """
-    threads = torch.get_num_threads()
-    if numel > SMALL_MATRIX or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------- base models

@@ -19,9 +19,9 @@ from typing import Optional, Union
 
 import torch
 
-from ..svd import atomic_save_safetensors
+from ..svd import atomic_save_safetensors, one_thread_if_small
 from ._base import (
-    BaseSource, ShiftSource, ToolError, base_modules, check_not_exists, load_base, qualified, read_shift, small_math,
+    BaseSource, ShiftSource, ToolError, base_modules, check_not_exists, load_base, qualified, read_shift,
 )
 
 
@@ -134,7 +134,7 @@ def export_lora(
             dropped_total += lost
             result.layers[full_name] = {"rank": keep, "max_rank": int((change != 0).sum()),
                                         "relative_error": math.sqrt(lost / float(squares.sum()))}
-            with small_math(info.weight.numel()):
+            with one_thread_if_small(info.weight.numel()):
                 lora_A, lora_B = _factors(info, change, top)
             prefix = f"{component}.{name}" if component else name
             result.state_dict[f"{prefix}.lora_A.weight"] = lora_A.to(dtype).contiguous()

@@ -18,9 +18,9 @@ import torch
 
 from ..format import SpectralShiftFile, save_shift_file
 from ..tuner.config import MODULE_KINDS, NORM_MODES
-from ..svd import weight_matrix
+from ..svd import one_thread_if_small, weight_matrix
 from ..tuner.layer import module_kind, unsupported_reason, uses_factors
-from ._base import BaseSource, ToolError, base_modules, small_math, check_not_exists, load_base, module_fingerprint, qualified
+from ._base import BaseSource, ToolError, base_modules, check_not_exists, load_base, module_fingerprint, qualified
 
 
 @dataclass
@@ -99,7 +99,7 @@ def extract_shift(
             if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
                 raise ToolError(f"The tuned model has no module {qualified(component, name)} of the base's shape: "
                                 "base and tuned models must have the same architecture.")
-            with small_math(module.weight.numel()):
+            with one_thread_if_small(module.weight.numel()):
                 difference = other.weight.detach().to(torch.float32) - module.weight.detach().to(torch.float32)
                 is_changed = bool(difference.any())
             if not is_changed:
@@ -124,7 +124,7 @@ def extract_shift(
         result.shift_file.fingerprints[component] = {}
         for name, info in modules.items():
             difference = differences[(component, name)]
-            with small_math(difference.numel()):
+            with one_thread_if_small(difference.numel()):
                 delta, approximation = _project(info, difference)
                 change_sq = float(difference.double().pow(2).sum())
                 residual_sq = float((difference - approximation).double().pow(2).sum())

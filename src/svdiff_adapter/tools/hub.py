@@ -1,7 +1,4 @@
-"""`svdiff push` / `svdiff pull`: thin wrappers over the Hub functions of `svdiff_adapter.loaders.hub`.
-
-Those belong to the pipeline issue and are imported lazily: until they exist, both raise `ToolError` saying so.
-"""
+"""`svdiff push` / `svdiff pull`: thin wrappers over the Hub functions of `svdiff_adapter.loaders.hub`."""
 
 from __future__ import annotations
 
@@ -12,7 +9,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..format import DEFAULT_WEIGHT_NAME
-from ._base import ToolError, hub_module, read_shift
+from ..loaders import hub
+from ._base import ToolError, read_shift
 
 
 def push_shift(
@@ -24,7 +22,6 @@ def push_shift(
     A single file is uploaded under its own name; the file is read first, so a broken file is never pushed.
     Returns the commit info of the upload.
     """
-    hub = hub_module()
     path = Path(os.path.expanduser(os.fspath(source)))
     read_shift(path)  # refuse missing / unreadable files before touching the Hub
     if path.is_dir():
@@ -40,7 +37,6 @@ def pull_shift(
 ) -> list[Path]:
     """Download the shift file(s) of a Hub repo (v1, or svdiff-pytorch's two files) into the Hub cache, and copy
     them to `output_dir` when given. Returns the local paths."""
-    hub = hub_module()
     paths = hub.resolve_shift_files(repo_id, weight_name=weight_name, revision=revision, token=token,
                                     cache_dir=cache_dir)
     hub.read_shift_files(paths)  # the files must be readable spectral shifts

@@ -19,7 +19,7 @@ from ._base import (
     guess_kind,
     load_base,
     module_fingerprint,
-    read_shift_or_repo,
+    read_shift,
 )
 
 
@@ -46,7 +46,7 @@ def inspect_shift(source: ShiftSource, base: Optional[BaseSource] = None, *, svd
     Without a base, `clipped` counts the values known to clip: the file's fingerprint holds the 4 leading σ, and
     every later σ is at most the 4th, so δⱼ ≤ −σ₄ surely clips; `clipped_max` counts those that may (δⱼ < 0).
     """
-    shift_file = read_shift_or_repo(source)
+    shift_file = read_shift(source)
     path = None if not isinstance(source, (str, os.PathLike)) else Path(os.path.expanduser(os.fspath(source)))
     size = None
     if path is not None and path.is_file():
@@ -142,7 +142,7 @@ def format_report(report: dict) -> str:
     """The human-readable form of `inspect_shift`'s report (what the CLI prints)."""
     lines = [
         f"file:         {report['path']}" + (f" ({report['size_bytes']:,} bytes)" if report["size_bytes"] else ""),
-        f"format:       " + (f"svdiff-adapter v{report['format_version']}" if report["format_version"] else report["format"]),
+        "format:       " + (f"svdiff-adapter v{report['format_version']}" if report["format_version"] else report["format"]),
         f"base model:   {report['base_model'] or '(not recorded)'}"
         + (f" @ {report['base_revision']}" if report["base_revision"] else ""),
         f"parameters:   {report['parameters']:,}",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..svd import SpectralFactors
+from ..svd import SpectralFactors, tensor_digest
 
 
 FACTOR_BUFFERS = ("spectral_U", "spectral_S", "spectral_Vh")
@@ -91,8 +91,8 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter: list[str] = []
-        # (original weight tensor, combined shift baked into the merged weight)
-        self._spectral_merge: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # (original weight tensor, combined shift baked into the merged weight, digest of the merged weight)
+        self._spectral_merge: Optional[tuple[torch.Tensor, torch.Tensor, str]] = None
         for name in FACTOR_BUFFERS:
             self.register_buffer(name, None, persistent=False)
         # The effective weight for inference, refreshed in place (stable for torch.compile), and what it was built from.
@@ -196,6 +196,13 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
 
     def weight_with_shift(self, base_weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """W + ΔW in the base weight's dtype."""
+        if self.uses_factors and not (torch.is_grad_enabled() and shift.requires_grad):
+            # No gradient needed: W + (U·c)·Vᵀ in one BLAS call (addmm), without a separate m × n ΔW.
+            change = torch.relu(self.spectral_S + shift) - self.spectral_S
+            matrix = base_weight.reshape(1, -1) if base_weight.ndim == 1 else base_weight.reshape(base_weight.shape[0], -1)
+            fused = torch.addmm(matrix.to(torch.float32), self.spectral_U.to(torch.float32) * change,
+                                self.spectral_Vh.to(torch.float32))
+            return fused.reshape(base_weight.shape).to(base_weight.dtype)
         delta = self.delta_from_shift(shift)
         if base_weight.dtype == torch.float32:
             return base_weight + delta
@@ -282,26 +289,26 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs detected in the merged weights; adapters {names} were not merged.")
         self.base_layer.weight.data = merged
-        self._spectral_merge = (original, shift)
+        self._spectral_merge = (original, shift, tensor_digest(merged))
         self.merged_adapters = all_names
 
     def unmerge(self) -> None:
         """Restore the weight from before the first merge, bit for bit.
 
-        If another tuner (e.g. a fused LoRA) changed the weight while ours was merged, its change is carried over.
+        If another tuner (e.g. a fused LoRA) changed the weight while ours was merged (detected by a digest of the
+        merged weight's bytes), its change is carried over.
         """
         self.reset_spectral_cache()
         if self._spectral_merge is None:
             return
-        original, shift = self._spectral_merge
+        original, shift, digest = self._spectral_merge
         current = self.base_layer.weight.data
-        with torch.no_grad():
-            expected = self.weight_with_shift(original, shift)
-            if torch.equal(current, expected):
-                restored = original
-            else:
-                restored = (original.to(torch.float32) + (current.to(torch.float32) - expected.to(torch.float32)))
-                restored = restored.to(original.dtype)
+        if tensor_digest(current) == digest:
+            restored = original
+        else:
+            with torch.no_grad():
+                ours = self.weight_with_shift(original, shift).to(torch.float32)
+                restored = (original.to(torch.float32) + (current.to(torch.float32) - ours)).to(original.dtype)
         self.base_layer.weight.data = restored
         self._spectral_merge = None
         self.merged_adapters = []

@@ -1,0 +1,530 @@
+"""A procedural 64x64 RGB world of coloured shapes on coloured backgrounds, with text prompts.
+
+Everything is drawn on the fly (numpy + PIL, no files) and is fully determined by a seed: image ``i`` of a batch
+drawn with seed ``s`` depends only on ``(s, i)``, so the same seed always gives identical images whatever the batch
+size or the machine.
+
+Vocabulary of the world
+-----------------------
+* 6 shapes: circle, square, triangle, star, ring, cross.
+* 6 shape colours with well-separated hues (60 degrees apart): red, yellow, green, cyan, blue, magenta.
+  Neighbouring hues such as red/orange or blue/purple are deliberately absent.
+* 5 backgrounds: white, black, gray, blue, green. A shape never has the colour of its background, so there are
+  6 x (6 x 5 - 2) = 168 plain combinations.
+* Jitter: position (+-10% of the image), size, rotation (+-15 degrees) and colour (+-14 per channel for the shape,
+  +-8 for the background). Shapes are drawn at 4x (256x256) and box-downsampled, so edges are anti-aliased.
+* 3 fill patterns besides ``plain``: ``stripes`` (two-colour stripes), ``dots`` (a base colour with dots of a
+  second colour) and ``split`` (left half one colour, right half another), named in prompts "striped", "dotted"
+  and "split": "a yellow and red striped star on a blue background".
+
+Subjects
+--------
+A :class:`Subject` is a named, seeded recipe for one patterned object (shape + pattern + two colours), e.g.
+``Subject("striped_star", shape="star", pattern="stripes", colors=("yellow", "red"))``. The base model's training
+distribution (:func:`sample_specs` with ``exclude_subjects=True``, the default) never contains the
+``(shape, pattern)`` pair of any registered subject: the base model sees stripes on squares but never a striped
+star, dots on stars but never a dotted square, and so on. A subject is therefore a new object that is built from
+parts the base model can express. Prompts for a subject use a reserved identifier: "a sks star on a blue
+background".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "IMAGE_SIZE",
+    "SHAPES",
+    "COLORS",
+    "BACKGROUNDS",
+    "PATTERNS",
+    "PATTERN_WORDS",
+    "COLOR_RGB",
+    "BACKGROUND_RGB",
+    "NO_COLOR",
+    "Spec",
+    "Subject",
+    "SUBJECTS",
+    "Batch",
+    "get_subject",
+    "prompt_for",
+    "render",
+    "render_specs",
+    "sample_specs",
+    "make_batch",
+    "plain_combinations",
+    "world_words",
+    "to_tensor",
+    "iter_batches",
+]
+
+IMAGE_SIZE = 64
+_SUPER = 4  # supersampling factor
+_CANVAS = IMAGE_SIZE * _SUPER
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
+COLORS: tuple[str, ...] = ("red", "yellow", "green", "cyan", "blue", "magenta")
+BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "blue", "green")
+PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "split")
+#: The adjective used in prompts for each pattern.
+PATTERN_WORDS: dict[str, str] = {"plain": "", "stripes": "striped", "dots": "dotted", "split": "split"}
+#: Label used for the second colour of a plain (one-colour) object.
+NO_COLOR = len(COLORS)
+
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "yellow": (240, 205, 25),
+    "green": (40, 170, 60),
+    "cyan": (25, 195, 205),
+    "blue": (40, 80, 225),
+    "magenta": (205, 45, 195),
+}
+BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "blue": (35, 60, 160),
+    "green": (35, 125, 55),
+}
+
+TEMPLATE = "a {color} {shape} on a {background} background"
+TEMPLATE_NO_COLOR = "a {shape} on a {background} background"
+TEMPLATE_NO_BACKGROUND = "a {color} {shape}"
+TEMPLATE_PATTERN = "a {color} and {color2} {pattern} {shape} on a {background} background"
+TEMPLATE_PATTERN_NO_BACKGROUND = "a {color} and {color2} {pattern} {shape}"
+TEMPLATE_IDENTIFIER = "a {identifier} {shape} on a {background} background"
+TEMPLATE_IDENTIFIER_NO_BACKGROUND = "a {identifier} {shape}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Specs and subjects
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to draw: the semantic content of one image (jitter is drawn from the image's own seed)."""
+
+    shape: str
+    color: str
+    background: str
+    pattern: str = "plain"
+    color2: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; known: {SHAPES}")
+        if self.color not in COLORS:
+            raise ValueError(f"unknown colour {self.color!r}; known: {COLORS}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; known: {BACKGROUNDS}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; known: {PATTERNS}")
+        if self.pattern == "plain":
+            if self.color2 is not None:
+                raise ValueError("a plain spec has no second colour")
+        else:
+            if self.color2 not in COLORS or self.color2 == self.color:
+                raise ValueError(f"pattern {self.pattern!r} needs a second colour different from {self.color!r}")
+
+    def labels(self) -> dict[str, int]:
+        """Class indices for the judge heads.
+
+        ``color``/``color2`` are the two colours of a patterned object; for ``stripes`` and ``split`` (where the two
+        colours play symmetric roles) they are ordered by palette index, for ``dots`` ``color`` is the base colour
+        and ``color2`` the dots' colour. A plain object has ``color2 == NO_COLOR``.
+        """
+        c1, c2 = COLORS.index(self.color), (NO_COLOR if self.color2 is None else COLORS.index(self.color2))
+        if self.pattern in ("stripes", "split") and c2 < c1:
+            c1, c2 = c2, c1
+        return {
+            "shape": SHAPES.index(self.shape),
+            "color": c1,
+            "color2": c2,
+            "background": BACKGROUNDS.index(self.background),
+            "pattern": PATTERNS.index(self.pattern),
+        }
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A named recipe for a patterned object that the base model never saw.
+
+    ``images(n, seed, backgrounds)`` draws ``n`` jittered images of it; ``prompt(background, identifier)`` gives the
+    personalisation prompt ("a sks star on a blue background"); ``class_prompt(background)`` the prior prompt
+    ("a star on a blue background"); ``description(background)`` the explicit prompt
+    ("a yellow and red striped star on a blue background").
+    """
+
+    name: str
+    shape: str
+    pattern: str
+    colors: tuple[str, str]
+    identifier: str = "sks"
+
+    def __post_init__(self) -> None:
+        Spec(self.shape, self.colors[0], BACKGROUNDS[0], self.pattern, self.colors[1])  # validates
+        if self.pattern == "plain":
+            raise ValueError("a subject must have a pattern")
+
+    def spec(self, background: str) -> Spec:
+        return Spec(self.shape, self.colors[0], background, self.pattern, self.colors[1])
+
+    def prompt(self, background: Optional[str] = None, identifier: Optional[str] = None) -> str:
+        ident = identifier or self.identifier
+        if background is None:
+            return TEMPLATE_IDENTIFIER_NO_BACKGROUND.format(identifier=ident, shape=self.shape)
+        return TEMPLATE_IDENTIFIER.format(identifier=ident, shape=self.shape, background=background)
+
+    def class_prompt(self, background: Optional[str] = None) -> str:
+        if background is None:
+            return f"a {self.shape}"
+        return TEMPLATE_NO_COLOR.format(shape=self.shape, background=background)
+
+    def description(self, background: Optional[str] = None) -> str:
+        return prompt_for(self.spec(background or BACKGROUNDS[0]), drop_background=background is None)
+
+    def labels(self, background: str) -> dict[str, int]:
+        return self.spec(background).labels()
+
+    def images(
+        self, n: int, seed: int, backgrounds: Optional[Sequence[str]] = None, identifier: Optional[str] = None
+    ) -> "Batch":
+        """``n`` images of the subject; backgrounds cycle through ``backgrounds`` (default: all)."""
+        bgs = list(backgrounds) if backgrounds is not None else list(BACKGROUNDS)
+        specs = [self.spec(bgs[i % len(bgs)]) for i in range(n)]
+        batch = render_specs(specs, seed)
+        batch.prompts = [self.prompt(s.background, identifier) for s in specs]
+        return batch
+
+
+#: Registered subjects. The base training distribution never contains their (shape, pattern) pairs.
+SUBJECTS: dict[str, Subject] = {
+    s.name: s
+    for s in (
+        Subject("striped_star", shape="star", pattern="stripes", colors=("yellow", "red")),
+        Subject("dotted_square", shape="square", pattern="dots", colors=("blue", "yellow")),
+        Subject("split_circle", shape="circle", pattern="split", colors=("green", "magenta")),
+    )
+}
+
+
+def get_subject(name: str) -> Subject:
+    try:
+        return SUBJECTS[name]
+    except KeyError:
+        raise KeyError(f"unknown subject {name!r}; known: {sorted(SUBJECTS)}") from None
+
+
+def _subject_pairs() -> set[tuple[str, str]]:
+    return {(s.shape, s.pattern) for s in SUBJECTS.values()}
+
+
+def prompt_for(
+    spec: Spec, *, drop_color: bool = False, drop_background: bool = False, identifier: Optional[str] = None
+) -> str:
+    """The prompt describing ``spec``.
+
+    ``drop_color`` / ``drop_background`` leave that attribute out ("a star on a blue background", "a red star");
+    ``identifier`` replaces the colour/pattern words by an identifier token ("a sks star on a blue background").
+    """
+    if identifier is not None:
+        tpl = TEMPLATE_IDENTIFIER_NO_BACKGROUND if drop_background else TEMPLATE_IDENTIFIER
+        return tpl.format(identifier=identifier, shape=spec.shape, background=spec.background)
+    if drop_color:
+        if drop_background:
+            return f"a {spec.shape}"
+        return TEMPLATE_NO_COLOR.format(shape=spec.shape, background=spec.background)
+    if spec.pattern == "plain":
+        tpl = TEMPLATE_NO_BACKGROUND if drop_background else TEMPLATE
+        return tpl.format(color=spec.color, shape=spec.shape, background=spec.background)
+    tpl = TEMPLATE_PATTERN_NO_BACKGROUND if drop_background else TEMPLATE_PATTERN
+    return tpl.format(
+        color=spec.color,
+        color2=spec.color2,
+        pattern=PATTERN_WORDS[spec.pattern],
+        shape=spec.shape,
+        background=spec.background,
+    )
+
+
+def world_words() -> list[str]:
+    """Every word a world prompt can contain (templates, shapes, colours, backgrounds, pattern adjectives)."""
+    words = ["a", "on", "and", "background", "with", "of", "the"]
+    words += list(SHAPES) + list(COLORS) + list(BACKGROUNDS)
+    words += [w for w in PATTERN_WORDS.values() if w] + [p for p in PATTERNS if p != "plain"] + ["plain"]
+    out: list[str] = []
+    for w in words:
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def plain_combinations(backgrounds: Optional[Sequence[str]] = None) -> list[Spec]:
+    """All plain (shape, colour, background) combinations of the world (shape colour != background colour)."""
+    bgs = BACKGROUNDS if backgrounds is None else tuple(backgrounds)
+    return [Spec(s, c, b) for s in SHAPES for c in COLORS for b in bgs if c != b]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sampling specs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _choice(rng: np.random.Generator, seq: Sequence):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _sample_one(
+    rng: np.random.Generator,
+    pattern_fraction: float,
+    exclude_pairs: set[tuple[str, str]],
+    backgrounds: Sequence[str],
+    shapes: Sequence[str],
+) -> Spec:
+    bg = _choice(rng, backgrounds)
+    if rng.random() < pattern_fraction:
+        while True:
+            shape = _choice(rng, shapes)
+            pattern = _choice(rng, PATTERNS[1:])
+            if (shape, pattern) not in exclude_pairs:
+                break
+        allowed = [c for c in COLORS if c != bg]
+        i, j = rng.choice(len(allowed), size=2, replace=False)
+        return Spec(shape, allowed[int(i)], bg, pattern, allowed[int(j)])
+    shape = _choice(rng, shapes)
+    color = _choice(rng, [c for c in COLORS if c != bg])
+    return Spec(shape, color, bg)
+
+
+def sample_specs(
+    n: int,
+    seed: int,
+    *,
+    pattern_fraction: float = 0.0,
+    exclude_subjects: bool = True,
+    backgrounds: Optional[Sequence[str]] = None,
+    shapes: Optional[Sequence[str]] = None,
+) -> list[Spec]:
+    """``n`` random specs: plain objects, plus a fraction ``pattern_fraction`` of patterned ones.
+
+    With ``exclude_subjects`` (default) no patterned spec shares the (shape, pattern) pair of a registered subject:
+    this is the base model's training distribution.
+    """
+    exclude = _subject_pairs() if exclude_subjects else set()
+    bgs = tuple(backgrounds) if backgrounds is not None else BACKGROUNDS
+    shp = tuple(shapes) if shapes is not None else SHAPES
+    rng = np.random.default_rng([int(seed), 0x5EC5])
+    return [_sample_one(rng, pattern_fraction, exclude, bgs, shp) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------------------------------
+
+def _rot(points: np.ndarray, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return points @ np.array([[c, s], [-s, c]], dtype=np.float64)
+
+
+def _polygon(kind: str, r: float) -> np.ndarray:
+    """Polygon vertices (x, y) centred on 0 for a shape of nominal radius ``r`` (y grows downwards)."""
+    if kind == "square":
+        h = 0.84 * r
+        return np.array([[-h, -h], [h, -h], [h, h], [-h, h]])
+    if kind == "triangle":
+        R = 1.12 * r
+        ang = np.deg2rad([-90, 30, 150])
+        pts = np.stack([R * np.cos(ang), R * np.sin(ang)], 1)
+        return pts + np.array([0.0, 0.18 * r])  # centre the bounding box vertically
+    if kind == "star":
+        R, rin = 1.08 * r, 0.45 * r
+        ang = np.deg2rad(-90 + 36 * np.arange(10))
+        rad = np.where(np.arange(10) % 2 == 0, R, rin)
+        return np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1) + np.array([0.0, 0.08 * r])
+    if kind == "cross":
+        a, w = 0.98 * r, 0.34 * r
+        return np.array(
+            [[-w, -a], [w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a], [-w, a], [-w, w], [-a, w], [-a, -w], [-w, -w]]
+        )
+    raise ValueError(kind)
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float) -> Image.Image:
+    mask = Image.new("L", (_CANVAS, _CANVAS), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        R = 0.95 * r
+        draw.ellipse([cx - R, cy - R, cx + R, cy + R], fill=255)
+    elif shape == "ring":
+        R, rin = 1.0 * r, 0.56 * r
+        draw.ellipse([cx - R, cy - R, cx + R, cy + R], fill=255)
+        draw.ellipse([cx - rin, cy - rin, cx + rin, cy + rin], fill=0)
+    else:
+        pts = _rot(_polygon(shape, r), angle) + np.array([cx, cy])
+        draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
+    return mask
+
+
+def _pattern_fill(
+    pattern: str, c1: np.ndarray, c2: np.ndarray, cx: float, cy: float, r: float, angle: float, phase: float
+) -> Image.Image:
+    """A full-canvas RGB fill carrying the pattern in the shape's rotated frame (drawn with PIL: fast)."""
+    fill = Image.new("RGB", (_CANVAS, _CANVAS), tuple(int(x) for x in c1))
+    draw = ImageDraw.Draw(fill)
+    col = tuple(int(x) for x in c2)
+    ext = 1.6 * r
+    centre = np.array([cx, cy])
+
+    def poly(pts_uv: np.ndarray) -> None:
+        pts = _rot(pts_uv, angle) + centre
+        draw.polygon([tuple(p) for p in pts.tolist()], fill=col)
+
+    if pattern == "stripes":
+        # width of one stripe: two stripe pairs across the object (about 9 px at 64x64, i.e. more than two latent
+        # pixels of a 4x-downsampling VAE, so that the VAE can represent stripes)
+        half = 2.1 * r / 4.0
+        k0 = math.floor(-ext / half - phase) - 1
+        for k in range(k0, k0 + int(2 * ext / half) + 4):
+            if k % 2:
+                v0 = (k + phase) * half
+                poly(np.array([[-ext, v0], [ext, v0], [ext, v0 + half], [-ext, v0 + half]]))
+    elif pattern == "split":
+        poly(np.array([[0.0, -ext], [ext, -ext], [ext, ext], [0.0, ext]]))
+    elif pattern == "dots":
+        period = 0.9 * r  # dots about 9 px wide at 64x64
+        rad = 0.3 * period
+        n = int(ext / period) + 2
+        g = (np.arange(-n, n + 1) + phase - 0.5) * period
+        uu, vv = np.meshgrid(g, g)
+        pts = _rot(np.stack([uu.ravel(), vv.ravel()], 1), angle) + centre
+        for x, y in pts.tolist():
+            draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=col)
+    else:
+        raise ValueError(pattern)
+    return fill
+
+
+def _jitter_rgb(rng: np.random.Generator, rgb: tuple[int, int, int], amount: float) -> np.ndarray:
+    return np.clip(np.asarray(rgb, dtype=np.float64) + rng.uniform(-amount, amount, 3), 0, 255).round().astype(np.uint8)
+
+
+def render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
+    """Draw one 64x64 RGB uint8 image of ``spec`` with jitter drawn from ``rng``."""
+    S = _SUPER
+    r = rng.uniform(0.24, 0.33) * IMAGE_SIZE * S
+    cx = (0.5 + rng.uniform(-0.10, 0.10)) * IMAGE_SIZE * S
+    cy = (0.5 + rng.uniform(-0.10, 0.10)) * IMAGE_SIZE * S
+    angle = math.radians(rng.uniform(-15.0, 15.0))
+    bg = _jitter_rgb(rng, BACKGROUND_RGB[spec.background], 8)
+    c1 = _jitter_rgb(rng, COLOR_RGB[spec.color], 14)
+    c2 = _jitter_rgb(rng, COLOR_RGB[spec.color2], 14) if spec.color2 else c1
+    phase = rng.uniform(0.0, 1.0)
+    img = Image.new("RGB", (_CANVAS, _CANVAS), tuple(int(x) for x in bg))
+    mask = _shape_mask(spec.shape, cx, cy, r, angle)
+    if spec.pattern == "plain":
+        img.paste(tuple(int(x) for x in c1), (0, 0), mask)
+    else:
+        img.paste(_pattern_fill(spec.pattern, c1, c2, cx, cy, r, angle, phase), (0, 0), mask)
+    return np.asarray(img.reduce(S))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Images (uint8 numpy ``(n, 64, 64, 3)``), labels (dict of int64 numpy arrays), prompts and specs."""
+
+    images: np.ndarray
+    labels: dict[str, np.ndarray]
+    prompts: list[str]
+    specs: list[Spec] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def tensors(self, device=None):
+        """``(images, labels)`` as torch tensors: float images in [-1, 1] ``(n, 3, 64, 64)``, int64 labels."""
+        import torch
+
+        images = to_tensor(self.images, device)
+        labels = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in self.labels.items()}
+        return images, labels
+
+
+def to_tensor(images: np.ndarray, device=None):
+    """uint8 ``(n, H, W, 3)`` -> float tensor in [-1, 1] ``(n, 3, H, W)``."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return t.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _labels(specs: Sequence[Spec]) -> dict[str, np.ndarray]:
+    keys = ("shape", "color", "color2", "background", "pattern")
+    out = {k: np.empty(len(specs), dtype=np.int64) for k in keys}
+    for i, s in enumerate(specs):
+        for k, v in s.labels().items():
+            out[k][i] = v
+    return out
+
+
+def render_specs(specs: Sequence[Spec], seed: int, offset: int = 0) -> Batch:
+    """Draw ``specs``; image ``i`` uses the jitter stream ``(seed, offset + i)``. Prompts are the full descriptions."""
+    images = np.empty((len(specs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i, spec in enumerate(specs):
+        images[i] = render(spec, np.random.default_rng([int(seed), 0x1A6E, offset + i]))
+    return Batch(images, _labels(specs), [prompt_for(s) for s in specs], list(specs))
+
+
+def make_batch(
+    n: int,
+    seed: int,
+    *,
+    pattern_fraction: float = 0.0,
+    exclude_subjects: bool = True,
+    backgrounds: Optional[Sequence[str]] = None,
+    shapes: Optional[Sequence[str]] = None,
+    drop_color: float = 0.0,
+    drop_background: float = 0.0,
+) -> Batch:
+    """``n`` random images with labels and prompts, fully determined by ``seed``.
+
+    ``pattern_fraction``/``exclude_subjects``/``backgrounds``/``shapes``: see :func:`sample_specs`.
+    ``drop_color``/``drop_background``: probabilities of leaving that attribute out of a prompt.
+    """
+    specs = sample_specs(
+        n,
+        seed,
+        pattern_fraction=pattern_fraction,
+        exclude_subjects=exclude_subjects,
+        backgrounds=backgrounds,
+        shapes=shapes,
+    )
+    batch = render_specs(specs, seed)
+    if drop_color > 0 or drop_background > 0:
+        rng = np.random.default_rng([int(seed), 0xD409])
+        dc = rng.random(n) < drop_color
+        db = rng.random(n) < drop_background
+        batch.prompts = [prompt_for(s, drop_color=bool(a), drop_background=bool(b)) for s, a, b in zip(specs, dc, db)]
+    return batch
+
+
+def iter_batches(batch_size: int, seed: int, **kwargs) -> Iterable[Batch]:
+    """An endless stream of batches; batch ``k`` is ``make_batch(batch_size, seed * 1_000_003 + k, **kwargs)``."""
+    k = 0
+    while True:
+        yield make_batch(batch_size, int(seed) * 1_000_003 + k, **kwargs)
+        k += 1
+
+
+def with_background(spec: Spec, background: str) -> Spec:
+    return replace(spec, background=background)
