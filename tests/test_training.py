@@ -29,37 +29,13 @@ from svdiff_adapter.training import (
 )
 from svdiff_adapter.training.prepare import check_base_model
 
+from .tiny_models import tiny_pipeline
+
 RESOLUTION = 32
 
 
 def build_tiny_pipeline(seed: int = 0):
-    """A tiny random StableDiffusionPipeline (as examples/quickstart_tiny.py) with a character-level tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=8, sample_size=16,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-    ))
-    vocab = {"<|startoftext|>": 0, "<pad>": 1, "<|endoftext|>": 2}
-    for char in "abcdefghijklmnopqrstuvwxyz0123456789[]":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    scheduler = DDIMScheduler(steps_offset=1, set_alpha_to_one=False)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return tiny_pipeline(seed=seed)
 
 
 @pytest.fixture(scope="session")

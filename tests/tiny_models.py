@@ -113,7 +113,7 @@ def tiny_pipeline(pipeline_cls=None, seed: int = 0):
         max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     ))
     vocab = {"<|startoftext|>": 0, "<pad>": 1, "<|endoftext|>": 2}
-    for char in "abcdefghijklmnopqrstuvwxyz":
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789[]":  # digits and brackets: identifiers like "[V1]"
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
