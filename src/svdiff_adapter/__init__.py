@@ -12,6 +12,7 @@ from .format import (
     save_shift_file,
 )
 from .loaders import (
+    _PIPELINE_EXPORTS,
     add_spectral_shift,
     get_spectral_shift_state_dict,
     load_spectral_shift,
@@ -21,6 +22,17 @@ from .loaders import (
     unload_spectral_shift,
 )
 from .svd import SpectralFactors, SVDCache, compute_factors
+from .tools import (
+    ToolError,
+    export_lora,
+    extract_shift,
+    inspect_shift,
+    merge_shifts,
+    pull_shift,
+    push_shift,
+    svdiff_pytorch_to_v1,
+    v1_to_svdiff_pytorch,
+)
 from .tuner import (
     SpectralShiftConfig,
     SpectralShiftLayer,
@@ -44,55 +56,36 @@ __all__ = [
     "SpectralShiftLayer",
     "SpectralShiftModel",
     "SpectralShiftPeftType",
+    "ToolError",
     "add_spectral_shift",
     "compute_factors",
+    "export_lora",
+    "extract_shift",
     "get_spectral_shift_state_dict",
+    "inspect_shift",
     "load_shift_file",
     "load_spectral_shift",
     "load_spectral_shift_into_model",
+    "merge_shifts",
+    "pull_shift",
+    "push_shift",
     "register_spectral_shift",
     "save_shift_file",
     "save_spectral_shift",
     "spectral_adapter_names",
     "svd_options",
+    "svdiff_pytorch_to_v1",
     "unload_spectral_shift",
+    "v1_to_svdiff_pytorch",
 ]
-
-# Pipelines (loaded on first use: importing diffusers' pipelines takes a while): `SpectralShiftLoaderMixin`,
-# `patch_diffusers()` and drop-in `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, img2img / inpaint variants.
-from .loaders import _PIPELINE_EXPORTS  # noqa: E402
-
+# Pipelines load on first use (importing diffusers' pipelines takes seconds): `SpectralShiftLoaderMixin`,
+# `patch_diffusers()` and the drop-in `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, img2img / inpaint variants.
 __all__ += list(_PIPELINE_EXPORTS)
 
 
 def __getattr__(name):
     if name in _PIPELINE_EXPORTS:
-        from .loaders import pipeline
+        from . import loaders
 
-        return getattr(pipeline, name)
+        return getattr(loaders, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# Tools (issue 7): inspect, merge, convert, export to LoRA, extract, push/pull. CLI: `svdiff` (svdiff_adapter.cli).
-from .tools import (  # noqa: E402
-    ToolError,
-    export_lora,
-    extract_shift,
-    inspect_shift,
-    merge_shifts,
-    pull_shift,
-    push_shift,
-    svdiff_pytorch_to_v1,
-    v1_to_svdiff_pytorch,
-)
-
-__all__ += [
-    "ToolError",
-    "export_lora",
-    "extract_shift",
-    "inspect_shift",
-    "merge_shifts",
-    "pull_shift",
-    "push_shift",
-    "svdiff_pytorch_to_v1",
-    "v1_to_svdiff_pytorch",
-]
