@@ -46,6 +46,13 @@ def svd_loop(matrices, transpose_wide):
         torch.linalg.svd(work, full_matrices=False)
 
 
+def kept_factor_bytes(model):
+    return sum(
+        b.numel() * b.element_size() for _, layer in spectral_layers(model)
+        for b in (layer.spectral_U, layer.spectral_S, layer.spectral_Vh) if b is not None
+    )
+
+
 def fp32_factor_bytes(matrices):
     return sum(4 * (m.shape[0] * min(m.shape) + min(m.shape) + min(m.shape) * m.shape[1]) for m in matrices)
 
@@ -65,10 +72,7 @@ def bench_unet(folder, repeats, skip_plain, work):
         row["svd_plain_s"], _ = timed(lambda: svd_loop(matrices, transpose_wide=False))
     cache = SVDCache(work / "svd-cache")
     row["inject_cold_s"], _ = timed(lambda: sa.add_spectral_shift(unet, config, "shift", svd_cache=cache))
-    row["factor_bytes"] = sum(
-        b.numel() * b.element_size() for _, layer in spectral_layers(unet)
-        for b in (layer.spectral_U, layer.spectral_S, layer.spectral_Vh) if b is not None
-    )
+    row["factor_bytes"] = kept_factor_bytes(unet)
     row["fp32_usv_bytes"] = fp32_factor_bytes(matrices)
     randomize_shifts(unet, "shift")
     shift_path = work / "shift.safetensors"
@@ -128,10 +132,7 @@ def bench_text_encoder(folder, repeats, work):
     row["svd_floor_s"], _ = timed(lambda: svd_loop(matrices, transpose_wide=True))
     cache = SVDCache(work / "svd-cache")
     row["inject_cold_s"], _ = timed(lambda: sa.add_spectral_shift(text_encoder, config, "shift", svd_cache=cache))
-    row["factor_bytes"] = sum(
-        b.numel() * b.element_size() for _, layer in spectral_layers(text_encoder)
-        for b in (layer.spectral_U, layer.spectral_S, layer.spectral_Vh) if b is not None
-    )
+    row["factor_bytes"] = kept_factor_bytes(text_encoder)
     row["fp32_usv_bytes"] = fp32_factor_bytes(matrices)
     randomize_shifts(text_encoder, "shift")
     ids = torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(3))

@@ -123,7 +123,6 @@ def _two_adapters():
 def test_composition_happens_inside_the_relu(weights):
     model, layer, dog, cat = _two_adapters()
     a, b = weights
-    model.set_adapter(["dog", "cat"]) if hasattr(model, "set_adapter") else None
     peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
     layer.set_scale("dog", a)
     layer.set_scale("cat", b)
