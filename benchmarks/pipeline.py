@@ -2,8 +2,9 @@
 
 Measures `pipe.load_spectral_shift` (cold SVD and warm SVD cache) vs `pipe.load_lora_weights` (rank 4, same UNet and
 text-encoder modules); the `set_adapters` switch (including rebuilding the effective weights, which a shift needs and
-a LoRA does not); fuse / unfuse; the unfused UNet forward vs the base and vs the LoRA; and the time to a first image
-(load + 25 guided DDIM steps) vs the same with the LoRA.
+a LoRA does not), also with `enable_spectral_switch_cache()` and the memory that costs; fuse / unfuse; the unfused
+UNet forward vs the base and vs the LoRA; and the time to a first image (load + 25 guided DDIM steps) vs the same with
+the LoRA.
 
 To fit a 2-core CPU: images are 256×256 (32×32 latents) and the pipeline stops at the latents (`output_type="latent"`,
 no VAE decode; the VAE is a tiny stand-in). Both leave the comparison stricter, not looser: the shared work is smaller.
@@ -141,6 +142,14 @@ def main():
         switch([0.5, 0.5])
         row["switch_shift_s"] = statistics.median(timed(lambda w=w: switch(w))[0] for w in ([0.3, 0.7], [0.7, 0.3],
                                                                                             [0.4, 0.6]))
+        # With the switch cache: the first switch builds U·diag(δᵢ)·Vᵀ per adapter, later ones are linear.
+        pipe.enable_spectral_switch_cache()
+        row["switch_cache_first_s"], _ = timed(lambda: switch([0.5, 0.5]))
+        row["switch_cached_s"] = statistics.median(timed(lambda w=w: switch(w))[0] for w in ([0.3, 0.7], [0.7, 0.3],
+                                                                                             [0.4, 0.6]))
+        row["switch_cache_bytes"] = sum(matrix.numel() * matrix.element_size() for layer in layers
+                                        for _, matrix in layer._spectral_adapter_deltas.values())
+        pipe.disable_spectral_switch_cache()
         row["fuse_s"], _ = timed(lambda: pipe.fuse_spectral_shift())
         row["unfuse_s"], _ = timed(lambda: pipe.unfuse_spectral_shift())
         pipe.unload_spectral_shift()
@@ -190,6 +199,11 @@ def markdown(row):
         f"{row['load_lora_s']:.2f} s | {r('load_second_shift_s', 'load_lora_s')} | |",
         f"| `set_adapters` switch (incl. rebuilding effective weights) | {row['switch_shift_s'] * 1000:.0f} ms | "
         f"{row['switch_lora_s'] * 1000:.0f} ms | {r('switch_shift_s', 'switch_lora_s')} | as cheap as the maths allows |",
+        f"| `set_adapters` switch with `enable_spectral_switch_cache()` (two adapters) | "
+        f"{row['switch_cached_s'] * 1000:.0f} ms | {row['switch_lora_s'] * 1000:.0f} ms | "
+        f"{r('switch_cached_s', 'switch_lora_s')} | as cheap as the maths allows |",
+        f"| — its first switch (builds U·diag(δᵢ)·Vᵀ per adapter) / memory it holds | "
+        f"{row['switch_cache_first_s']:.2f} s / {row['switch_cache_bytes'] / 2**20:.0f} MiB | | | |",
         f"| fuse / unfuse | {row['fuse_s']:.2f} s / {row['unfuse_s']:.2f} s | | | |",
         f"| unfused UNet forward (2×4×32×32) vs base | {row['forward_shift_s']:.2f} s | {row['forward_base_s']:.2f} s | "
         f"{r('forward_shift_s', 'forward_base_s')} | ≤ 1.05 |",

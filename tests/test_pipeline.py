@@ -196,6 +196,33 @@ def test_weights_combine_inside_the_relu(prototype, shifts, pipe):
     assert pipe.get_active_adapters() == ["A", "B"]
 
 
+def test_switch_cache_rebuilds_linearly_and_matches_the_relu_reference(prototype, shifts, pipe):
+    pipe.load_spectral_shift(shifts["A"]["file"], "A")
+    pipe.load_spectral_shift(shifts["B"]["file"], "B")
+    direct = copy.deepcopy(pipe)
+    pipe.enable_spectral_switch_cache()
+    a, b = shifts["A"]["deltas"], shifts["B"]["deltas"]
+    # (1, 1) clips most singular values (see _make_deltas), so the clip correction is exercised.
+    for weights in ([1.0, 1.0], [0.25, 0.75], [1.0, 0.0]):
+        pipe.set_adapters(["A", "B"], weights=weights)
+        direct.set_adapters(["A", "B"], weights=weights)
+        got = outputs(pipe)
+        assert_close(got, outputs(reference(prototype, [(weights[0], a), (weights[1], b)])))
+        assert_close(got, outputs(direct), rtol=1e-5)  # same maths, different float rounding
+    layer = pipe.unet.get_submodule(UNET_MODULES[3])
+    assert set(layer._spectral_adapter_deltas) == {"A", "B"}  # the memory it costs: one matrix per adapter
+
+    # A hotswap changes δ in place: the cached matrix follows.
+    pipe.load_spectral_shift(shifts["A"]["file"], "B", hotswap=True)
+    pipe.set_adapters(["A", "B"], weights=[0.5, 0.5])
+    assert_close(outputs(pipe), outputs(reference(prototype, [(1.0, a)])))
+
+    pipe.delete_adapters("B")
+    assert set(layer._spectral_adapter_deltas) == {"A"}
+    pipe.disable_spectral_switch_cache()
+    assert not layer._spectral_adapter_deltas and not layer.spectral_switch_cache
+
+
 def test_per_component_and_per_block_weights(prototype, shifts, pipe):
     pipe.load_spectral_shift(shifts["A"]["file"], "A")
     blocks = {"down": 0.0, "mid": 0.5, "up": {"block_0": [0.0, 2.0]}}

@@ -14,6 +14,7 @@ from .format import (
 from .loaders import (
     _PIPELINE_EXPORTS,
     add_spectral_shift,
+    enable_spectral_switch_cache,
     get_spectral_shift_state_dict,
     load_spectral_shift,
     load_spectral_shift_into_model,
@@ -59,6 +60,7 @@ __all__ = [
     "ToolError",
     "add_spectral_shift",
     "compute_factors",
+    "enable_spectral_switch_cache",
     "export_lora",
     "extract_shift",
     "get_spectral_shift_state_dict",

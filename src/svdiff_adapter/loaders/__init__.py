@@ -2,6 +2,7 @@
 
 from .model import (
     add_spectral_shift,
+    enable_spectral_switch_cache,
     get_spectral_shift_state_dict,
     load_spectral_shift,
     load_spectral_shift_into_model,
@@ -13,6 +14,7 @@ from .model import (
 
 __all__ = [
     "add_spectral_shift",
+    "enable_spectral_switch_cache",
     "get_spectral_shift_state_dict",
     "load_spectral_shift",
     "load_spectral_shift_into_model",

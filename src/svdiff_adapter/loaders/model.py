@@ -289,3 +289,17 @@ def unload_spectral_shift(model: nn.Module, adapter_names: Optional[list[str]] =
     remove_spectral_layers(model, adapter_names)
     _mark_peft_loaded(model)
 
+
+
+def enable_spectral_switch_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Make changes of adapter weights or of the active set cheap on `model` (for interpolation sweeps).
+
+    Every shifted layer keeps Dᵢ = U·diag(δᵢ)·Vᵀ of each adapter it uses, so a new combination is rebuilt as
+    W + Σᵢ wᵢDᵢ plus a correction on the singular values the ReLU clips, instead of a full m·n·k product. Costs one
+    weight-sized matrix (in the weight's dtype) per adapter and layer. `enabled=False` frees them. Returns the number
+    of layers changed.
+    """
+    layers = [layer for _, layer in spectral_layers(model) if layer.uses_factors]
+    for layer in layers:
+        layer.enable_switch_cache(enabled)
+    return len(layers)

@@ -42,6 +42,7 @@ from ..format import (
 from ..tuner import SpectralShiftLayer, spectral_layers
 from .hub import read_shift_files, resolve_shift_files, upload_shift_folder
 from .model import (
+    enable_spectral_switch_cache,
     layer_fingerprint,
     load_spectral_shift as load_shift_into_models,
     module_path,
@@ -566,6 +567,23 @@ class SpectralShiftLoaderMixin:
                     layer.spectral_S = layer.spectral_S.to(target)
                     layer.spectral_Vh = layer.spectral_Vh.to(target)
                 layer.reset_spectral_cache()
+                for name in names:
+                    layer._spectral_adapter_deltas.pop(name, None)  # rebuilt where the factors are, when used
+
+    def enable_spectral_switch_cache(self, components: Optional[list[str]] = None) -> None:
+        """Make `set_adapters` (new weights or a new active set) cheap for spectral shifts, e.g. for interpolation.
+
+        Each shifted layer keeps U·diag(δᵢ)·Vᵀ per adapter and rebuilds W_δ linearly, correcting only the singular
+        values the ReLU clips; the result equals the direct rebuild up to float rounding. Memory: one copy of every
+        shifted weight per adapter used (in the weight's dtype). `disable_spectral_switch_cache()` frees it.
+        """
+        for model in self._models_for(components).values():
+            enable_spectral_switch_cache(model, True)
+
+    def disable_spectral_switch_cache(self, components: Optional[list[str]] = None) -> None:
+        """Free the per-adapter matrices of `enable_spectral_switch_cache`; switches rebuild weights directly again."""
+        for model in self._models_for(components).values():
+            enable_spectral_switch_cache(model, False)
 
     # ------------------------------------------------------------------ diffusers methods made type-aware
     def set_adapters(

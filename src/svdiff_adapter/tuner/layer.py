@@ -10,6 +10,14 @@ The combination happens inside the ReLU, as in the paper. δ = 0 gives ΔW = 0 e
 Inference reuses the effective weight until δ, the scales, the active set, the base weight or its device/dtype
 change; the forward pass then costs exactly one call of the base operation. Training recomposes it each step with a
 custom autograd function whose backward is dL/dΔσⱼ = uⱼᵀ G vⱼ.
+
+With the switch cache on, each adapter's Dᵢ = U·diag(δᵢ)·Vᵀ is kept, and a change of weights or active set rebuilds
+the weight linearly, because ReLU(σ + s) − σ = s + ReLU(−(σ + s)):
+
+    W_δ = W + Σᵢ wᵢ Dᵢ + U_J · diag(ReLU(−(σ + s))_J) · V_Jᵀ,   J = the singular values the ReLU clips
+
+which costs a few passes over the weight instead of an m·n·k product, at the price of one weight-sized matrix per
+adapter.
 """
 
 from __future__ import annotations
@@ -99,6 +107,9 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.register_buffer("spectral_weight", None, persistent=False)
         self._spectral_weight_key: Any = None
         self._spectral_built_for: Optional[tuple] = None
+        # Switch cache: adapter name -> (what it was built from, U·diag(δ)·Vᵀ as a matrix in the weight's dtype).
+        self.spectral_switch_cache = False
+        self._spectral_adapter_deltas: dict[str, tuple[Any, torch.Tensor]] = {}
         if factors is not None:
             weight = base_layer.weight
             self.spectral_U = factors.U.to(weight.device)
@@ -173,6 +184,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge it first.")
         super().delete_adapter(adapter_name)
+        self._spectral_adapter_deltas.pop(adapter_name, None)
         self.reset_spectral_cache()
 
     # ------------------------------------------------------------------------------------------------- math
@@ -207,6 +219,39 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if base_weight.dtype == torch.float32:
             return base_weight + delta
         return (base_weight.to(torch.float32) + delta).to(base_weight.dtype)
+
+    def enable_switch_cache(self, enabled: bool = True) -> None:
+        """Keep U·diag(δᵢ)·Vᵀ per adapter so that `set_adapters` / `set_scale` rebuild the weight linearly."""
+        self.spectral_switch_cache = bool(enabled) and self.uses_factors
+        if not self.spectral_switch_cache:
+            self._spectral_adapter_deltas.clear()
+
+    def _adapter_delta_matrix(self, adapter: str) -> torch.Tensor:
+        """Dᵢ = U·diag(δᵢ)·Vᵀ of one adapter (unscaled, unclipped) as an m × n matrix, built once per δ."""
+        weight = self.base_layer.weight
+        delta = self.spectral_delta[adapter]
+        key = (delta._version, delta.data_ptr(), weight.device, weight.dtype)
+        cached = self._spectral_adapter_deltas.get(adapter)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            matrix = (self.spectral_U.to(torch.float32) * delta.to(torch.float32)) @ self.spectral_Vh.to(torch.float32)
+        matrix = matrix.to(weight.dtype)
+        self._spectral_adapter_deltas[adapter] = (key, matrix)
+        return matrix
+
+    def _switch_cached_weight(self, base_weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """W_δ from the per-adapter matrices plus a correction for the clipped singular values (module docstring)."""
+        shift = self.combined_shift(names)
+        fused = base_weight.reshape(base_weight.shape[0], -1).to(torch.float32, copy=True)
+        for name in names:
+            fused.add_(self._adapter_delta_matrix(name), alpha=self.spectral_scaling[name])
+        clipped_amount = torch.relu(-(self.spectral_S + shift))
+        clipped = clipped_amount.nonzero().flatten()
+        if clipped.numel():
+            fused.addmm_(self.spectral_U[:, clipped].to(torch.float32) * clipped_amount[clipped],
+                         self.spectral_Vh[clipped].to(torch.float32))
+        return fused.reshape(base_weight.shape).to(base_weight.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW of one adapter alone at its current scale (float32, the weight's shape)."""
@@ -253,7 +298,10 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             self.reset_spectral_cache()
             return
         with torch.no_grad():
-            fresh = self.weight_with_shift(self.base_layer.weight, self.combined_shift(names))
+            if self.spectral_switch_cache:
+                fresh = self._switch_cached_weight(self.base_layer.weight, names)
+            else:
+                fresh = self.weight_with_shift(self.base_layer.weight, self.combined_shift(names))
             current = self.spectral_weight
             if current is not None and (current.shape, current.dtype, current.device) == (
                 fresh.shape, fresh.dtype, fresh.device
@@ -355,6 +403,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         # Factors follow device moves but keep their storage dtype: `.half()`/`.to(bf16)` would throw away precision
         # and `.float()` would double their memory. Probe the target device with an empty tensor.
         self.reset_spectral_cache()  # rebuilt on the new device/dtype at the next forward
+        self._spectral_adapter_deltas.clear()
         factors = {name: self._buffers[name] for name in FACTOR_BUFFERS if self._buffers.get(name) is not None}
         for name in factors:
             self._buffers[name] = None
