@@ -1,6 +1,7 @@
 """File format v1: round trips, svdiff-pytorch files, and bad input (clear error, model unchanged)."""
 
 import json
+import os
 import pickle
 import struct
 
@@ -259,6 +260,10 @@ def test_save_is_atomic_and_leaves_no_temporary_files(saved, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     sa.save_spectral_shift(path, {"unet": unet}, "a")  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # The temporary file's private 0600 mode must not leak into the result: files get the umask's permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_model_level_round_trip_on_a_bare_model(tmp_path):

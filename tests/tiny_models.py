@@ -123,3 +123,36 @@ def tiny_pipeline(pipeline_cls=None, seed: int = 0):
                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sdxl_pipeline(pipeline_cls=None, seed: int = 0):
+    """A tiny random-weight SDXL pipeline: a UNet with SDXL's added conditioning ("text_time": pooled text embeddings
+    and six time ids), two CLIP text encoders (the second with a projection), the char-level tokenizer of
+    `tiny_pipeline` for both."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    reference = tiny_pipeline(seed=seed)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=32,
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8, sample_size=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+    )
+    # SDXL's own scheduler class and settings (Euler, "leading" spacing, steps_offset 1).
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipeline_cls = pipeline_cls or StableDiffusionXLPipeline
+    pipe = pipeline_cls(vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(
+        text_config), tokenizer=reference.tokenizer, tokenizer_2=reference.tokenizer, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -22,7 +22,7 @@ from .format import SpectralShiftFormatError
 AddParser = Callable[["argparse._SubParsersAction"], argparse.ArgumentParser]
 # Subcommand name → function adding its parser. Lazy: a module imports its tool only when run.
 SUBCOMMANDS: dict[str, AddParser] = {}
-_ERRORS = (SpectralShiftFormatError, ValueError, OSError, KeyError)
+_ERRORS = (SpectralShiftFormatError, ValueError, OSError, KeyError, NotImplementedError)
 
 
 def register_subcommand(name: str, add_parser: Optional[AddParser] = None):
@@ -258,6 +258,27 @@ def _run_train(args) -> int:
     from .training import main as train_main
 
     train_main(args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- edit
+@register_subcommand("edit")
+def _add_edit(subparsers):
+    from .editing import add_edit_arguments
+
+    parser = subparsers.add_parser("edit", help="Edit one image with CoSINE: fine-tune shifts on it, change the "
+                                                "prompt (docs/editing.md).")
+    add_edit_arguments(parser)
+    parser.set_defaults(handler=_run_edit)
+    return parser
+
+
+def _run_edit(args) -> int:
+    from .editing import main as edit_main
+
+    result = edit_main(args)
+    for role, path in result.files.items():
+        print(f"{role}: {path}")
     return 0
 
 

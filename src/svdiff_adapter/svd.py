@@ -191,6 +191,12 @@ class SVDCache:
         atomic_save_safetensors(tensors, path, metadata)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.PathLike], metadata=None):
     """Write a safetensors file through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
@@ -198,6 +204,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str
     os.close(handle)
     try:
         save_file(dict(tensors), temporary, metadata=metadata)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

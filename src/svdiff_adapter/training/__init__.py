@@ -12,7 +12,7 @@ from .attention import (
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cutmix import CutMixSample, cut_mix, cut_mix_prompt, draw_pair
 from .data import Batch, DreamBoothData
-from .images import ImageTransform, TrainingDataError, list_images, load_image, load_images
+from .images import ImageTransform, TrainingDataError, list_images, load_image, load_images, to_rgb
 from .loop import main, train
 from .loss import Frozen, training_loss
 from .optim import make_optimizer, shift_parameters
@@ -26,5 +26,5 @@ __all__ = [
     "cut_mix", "cut_mix_prompt", "draw_pair", "ensure_class_images", "identifier_token_weights",
     "infer_identifier", "install_attention_recorders", "list_checkpoints", "list_images", "load_checkpoint",
     "load_concepts_list", "load_image", "load_images", "main", "make_optimizer", "parse_args", "parse_subject",
-    "resolve_checkpoint", "save_checkpoint", "shift_parameters", "train", "training_loss", "unmix_loss",
+    "resolve_checkpoint", "save_checkpoint", "shift_parameters", "to_rgb", "train", "training_loss", "unmix_loss",
 ]

@@ -41,6 +41,11 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise TrainingDataError(f"Cannot read image {str(path)!r}: {error}") from error
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as RGB: L, P, RGBA, CMYK, I;16 ... converted (alpha composited on white); RGB returned as is."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

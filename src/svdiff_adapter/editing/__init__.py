@@ -1,0 +1,18 @@
+"""CoSINE single-image editing (docs/editing.md): fine-tune spectral shifts on one image–prompt pair, then edit by
+changing the prompt — DDIM inversion, noise injection (η, slerp), sampling. Imported on demand (not by
+`import svdiff_adapter`)."""
+
+from .args import add_edit_arguments, build_parser, parse_args
+from .conditioning import PromptConditioning, encode_prompts, is_sdxl, predict_noise
+from .edit import EditResult, edit_image, load_pipeline, main
+from .finetune import finetune_on_image
+from .images import decode_latents, encode_image, prepare_image, side_by_side
+from .inversion import ddim_invert, ddim_sample, ddim_schedulers
+from .noise import slerp
+
+
+__all__ = [
+    "EditResult", "PromptConditioning", "add_edit_arguments", "build_parser", "ddim_invert", "ddim_sample",
+    "ddim_schedulers", "decode_latents", "edit_image", "encode_image", "encode_prompts", "finetune_on_image",
+    "is_sdxl", "load_pipeline", "main", "parse_args", "predict_noise", "prepare_image", "side_by_side", "slerp",
+]

@@ -1,0 +1,102 @@
+"""CoSINE step 1: fine-tune spectral shifts of the UNet on one image–prompt pair, without prior preservation (λ = 0).
+
+Reuses the trainer's loss (`training_loss`: the same noise, timesteps and prediction targets) and optimizer
+(`make_optimizer`: AdamW, 1e-3 for 2-D/4-D shifts and 1e-6 for 1-D norm shifts, the paper's rates) on a one-image
+batch at the image's own size; the accelerate/checkpoint machinery of `train()` is not needed for a few hundred
+steps in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from ..loaders import add_spectral_shift
+from ..training.data import Batch
+from ..training.loss import Frozen, training_loss
+from ..training.optim import make_optimizer, trainable_parameters
+from ..tuner import SpectralShiftConfig
+from .conditioning import is_sdxl
+from .images import image_to_tensor
+
+
+def finetune_on_image(
+    pipe,
+    image: Image.Image,
+    prompt: str,
+    *,
+    max_train_steps: int = 300,
+    learning_rate: float = 1e-3,
+    learning_rate_1d: float = 1e-6,
+    adapter_name: str = "cosine",
+    target_kinds: Sequence[str] = ("linear", "conv2d", "norm"),
+    max_grad_norm: Optional[float] = 1.0,
+    seed: Optional[int] = None,
+    svd_cache=None,
+    progress: bool = True,
+) -> list[float]:
+    """Add the spectral adapter `adapter_name` to `pipe.unet` and train it on (`image`, `prompt`).
+
+    The adapter stays loaded and active (the pipeline now reconstructs the image from `prompt`); save it with
+    `save_spectral_shift(path, {"unet": pipe.unet}, adapter_name)`, remove it with `unload_spectral_shift`.
+
+    Args:
+        pipe: a Stable Diffusion 1.x/2.x pipeline with a float32 UNet (SDXL is refused: the trainer's loss does not
+            build SDXL's added conditioning yet).
+        image (`PIL.Image.Image`): RGB, sides multiples of the VAE factor (see `prepare_image`).
+        prompt (`str`): the source prompt describing the image.
+        max_train_steps (`int`, defaults to 300): optimizer steps, batch 1.
+        learning_rate (`float`, defaults to 1e-3): learning rate of 2-D/4-D shifts.
+        learning_rate_1d (`float`, defaults to 1e-6): learning rate of 1-D (norm) shifts.
+        adapter_name (`str`, defaults to "cosine"): must not be in use.
+        target_kinds (`list[str]`, defaults to linear, conv2d, norm): module kinds of the UNet to shift.
+        max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping (None: off).
+        seed (`int`, *optional*): seeds the noise, timesteps and VAE samples of every step.
+        svd_cache: folder, `False` or `None` (the default cache), as in `add_spectral_shift`.
+        progress (`bool`, defaults to `True`): show a progress bar.
+
+    Returns:
+        `list[float]`: the loss of each step.
+    """
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    if is_sdxl(pipe):
+        raise NotImplementedError("Fine-tuning spectral shifts on SDXL is not supported yet (the trainer covers SD "
+                                  "1.x/2.x); edit with a shift trained elsewhere (`shift=` / --shift).")
+    if pipe.unet.dtype != torch.float32:
+        raise ValueError(f"Fine-tuning needs a float32 UNet (δ trains against the float32 base weights, as in the "
+                         f"trainer); this one is {pipe.unet.dtype}. Load the pipeline in float32.")
+    if max_train_steps < 1:
+        raise ValueError(f"`max_train_steps` should be a positive integer but the value passed is {max_train_steps}.")
+    unet = pipe.unet
+    add_spectral_shift(unet, SpectralShiftConfig(target_kinds=list(target_kinds)), adapter_name, svd_cache=svd_cache)
+    optimizer = make_optimizer({"unet": unet}, adapter_name, learning_rate, learning_rate_1d)
+    frozen = Frozen(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    # λ = 0: the batch holds only the instance sample, so `training_loss` adds no prior term.
+    batch = Batch(pixel_values=image_to_tensor(image), prompts=[prompt], num_instance=1, pairs=[None])
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    losses = []
+    was_training = unet.training
+    unet.train()
+    try:
+        with tqdm(range(max_train_steps), desc="Fine-tuning shifts", disable=not progress) as bar:
+            for _ in bar:
+                loss, parts = training_loss(unet, frozen, batch, generator)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(list(trainable_parameters(optimizer)), max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(parts["loss"])
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+    finally:
+        unet.train(was_training)
+    return losses
