@@ -31,6 +31,19 @@ For each model it measures:
 * ``*_cpu_s``: process CPU seconds for the same spans (all threads); with ``--threads T`` on an
   idle machine wall ~ cpu/T. ``loadavg_start``/``loadavg_end`` flag a contended machine.
 * ``usv_bytes``: bytes of the U, S, Vh tensors the layers keep (plain attributes, fp32).
+
+``--train-step`` (UNet only) instead measures one training step of svdiff-pytorch's own UNet, for
+``benchmarks/training.py`` (which launches it in this venv and reads ``train_step`` from the JSON)::
+
+    /work/venvs/svdiff-ref/bin/python benchmarks/anchors/svdiff_pytorch_anchor.py --train-step \\
+        --unet .bench/sd15-random/unet --batch 1 --latent-size 64 --steps 5 --warmup 1 --threads 2
+
+Setup as its ``train_svdiff.py``: ``load_unet_for_svdiff``, ``perform_svd()`` on every spectral layer (timed as
+``svd_s``, before the steps, so no step pays it), ``requires_grad_(False)``, the ``delta`` parameters trainable,
+AdamW (lr 1e-3; 1e-6 for the ``norm`` deltas; betas (0.9, 0.999), weight decay 1e-2, eps 1e-8), ``unet.train()``.
+The step is the one of ``benchmarks/training.py`` (kept identical by hand: same inputs from the same seed, same
+noising, MSE to the noise, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``); the row has the same
+keys as that script's rows (times, RSS after load/setup, peak RSS during the steps and of the whole process).
 """
 
 from __future__ import annotations
@@ -231,6 +244,117 @@ def bench_model(kind, folder, args):
     return res
 
 
+# ------------------------------------------------------------------ training step (--train-step)
+def _status_bytes(field):
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _max_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def bench_train_step(folder, args):
+    """One training step of svdiff-pytorch's UNet; same step and keys as benchmarks/training.py."""
+    import torch
+    import torch.nn.functional as F
+    import svdiff_pytorch
+
+    row = {"method": "svdiff_pytorch", "loadavg_start": list(os.getloadavg()), "threads": torch.get_num_threads(),
+           "rss_at_start_bytes": _status_bytes("VmRSS")}
+    t0 = time.perf_counter()
+    unet = svdiff_pytorch.load_unet_for_svdiff(folder)
+    row["load_s"] = time.perf_counter() - t0
+    row["rss_after_load_bytes"] = _status_bytes("VmRSS")
+    mods = spectral_modules(unet)
+    t1 = time.perf_counter()
+    for _, m in mods:
+        m.perform_svd()
+    row["svd_s"] = time.perf_counter() - t1
+    row["spectral_layers"] = len(mods)
+    row["usv_bytes"] = sum(t.numel() * t.element_size() for _, m in mods for t in (m.U, m.S, m.Vh))
+    unet.requires_grad_(False)
+    params, params_1d = [], []
+    for n, p in unet.named_parameters():
+        if "delta" in n:
+            p.requires_grad = True
+            (params_1d if "norm" in n else params).append(p)
+    optimizer = torch.optim.AdamW([{"params": params}, {"params": params_1d, "lr": 1e-6}], lr=1e-3,
+                                  betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    unet.train()
+    row["setup_s"] = time.perf_counter() - t0
+    row["adapter_s"] = row["svd_s"]
+    row["rss_after_setup_bytes"] = _status_bytes("VmRSS")
+    row["setup_peak_rss_bytes"] = _max_rss()
+    trainable = params + params_1d
+    row["trainable_params"] = sum(p.numel() for p in trainable)
+    row["total_params"] = sum(p.numel() for p in unet.parameters())
+    row["attention_processor"] = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    watched = trainable[:3] + trainable[-3:]
+    before = [p.detach().clone() for p in watched]
+
+    cfg = unet.config
+    size, channels, dim = args.latent_size, cfg.in_channels, cfg.cross_attention_dim
+    g = torch.Generator().manual_seed(args.seed)
+    inputs = [(torch.randn(args.batch, channels, size, size, generator=g),
+               torch.randn(args.batch, channels, size, size, generator=g),
+               torch.randint(0, 1000, (args.batch,), generator=g),
+               torch.randn(args.batch, args.seq_len, dim, generator=g)) for _ in range(args.warmup + args.steps)]
+    row["inputs"] = {"sample": [args.batch, channels, size, size],
+                     "encoder_hidden_states": [args.batch, args.seq_len, dim]}
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    schedule = torch.cumprod(1.0 - betas, dim=0).float()
+
+    def step(latents, noise, timesteps, states):
+        alpha = schedule[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1.0 - alpha).sqrt() * noise
+        prediction = unet(noisy, timesteps, states).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    gc.collect()
+    row["steps_peak_rss_reset"] = _reset_peak_rss()
+    walls, cpus, losses = [], [], []
+    for index in range(args.warmup + args.steps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        losses.append(step(*inputs[index]))
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+        log(f"[svdiff_pytorch] step {index}: {walls[-1]:.3f} s")
+    end_peak = _max_rss()
+    row["steps_peak_rss_bytes"] = _status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None
+    row["peak_rss_bytes"] = max(row["setup_peak_rss_bytes"], end_peak)
+    row["first_step_s"] = walls[0]
+    row["warmup_s"] = walls[: args.warmup]
+    row["step_s"] = statistics.median(walls[args.warmup:])
+    row["step_all_s"] = walls[args.warmup:]
+    row["step_cpu_s"] = statistics.median(cpus[args.warmup:])
+    row["losses"] = losses
+    row["trainable_moved"] = any(not torch.equal(a, b.detach()) for a, b in zip(before, watched))
+    row["loadavg_end"] = list(os.getloadavg())
+    # Last, so that reading the file cannot touch the measured peaks: the weights really came from the folder.
+    row["checked_tensors"] = check_weights(unet, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--unet", help="diffusers UNet2DConditionModel folder (safetensors)")
@@ -241,9 +365,18 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--latent-size", type=int, default=64)
     ap.add_argument("--delta-std", type=float, default=0.01, help="delta ~ N(0, (x*sigma_0)^2)")
+    ap.add_argument("--train-step", action="store_true",
+                    help="measure one training step of the UNet instead (for benchmarks/training.py)")
+    ap.add_argument("--steps", type=int, default=5, help="--train-step: timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="--train-step: warm-up steps before the timed ones")
+    ap.add_argument("--seq-len", type=int, default=77, help="--train-step: encoder-state tokens")
     args = ap.parse_args()
     if not args.unet and not args.text_encoder:
         ap.error("give --unet and/or --text-encoder")
+    if args.train_step and (not args.unet or args.text_encoder):
+        ap.error("--train-step measures the UNet only: give --unet and no --text-encoder")
+    if args.train_step and (args.steps < 1 or args.warmup < 1):
+        ap.error("--steps and --warmup must be at least 1")
 
     real_stdout = sys.stdout
     out = {}
@@ -269,7 +402,9 @@ def main():
             # wall times are only meaningful if this was low; compare *_cpu_s otherwise
             "loadavg_start": list(os.getloadavg()),
         }
-        if args.unet:
+        if args.train_step:
+            out["train_step"] = bench_train_step(args.unet, args)
+        elif args.unet:
             out["unet"] = bench_model("unet", args.unet, args)
         if args.text_encoder:
             te_dir, rekeyed = prepare_text_encoder_dir(args.text_encoder, tmp)
@@ -278,7 +413,8 @@ def main():
             r["rekeyed_to_text_model_prefix"] = rekeyed
             out["text_encoder"] = r
         out["loadavg_end"] = list(os.getloadavg())
-        out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if not args.train_step:  # (its row has its own peaks; the high-water mark was reset before the steps)
+            out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     real_stdout.write(json.dumps(out, indent=1) + "\n")
     real_stdout.flush()
 

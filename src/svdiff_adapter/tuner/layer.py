@@ -378,13 +378,14 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
     def _factored_is_cheaper(self, x: torch.Tensor) -> bool:
         """Training cost in multiply-adds per step, B rows. Recomposing W_δ: B·m·n forward, 2·B·m·n backward (input
         and weight gradients), 2·m·n·k to build ΔW and project its gradient. Factored, op(x, W) + op(op(x, Vᵀ)·c, U):
-        B·m·n forward, B·m·n backward (W is frozen: no weight gradient), 3·B·k·(m+n) for the thin products. Few
-        rows (low-resolution UNet blocks, text tokens, embeddings) favour the factored form."""
+        B·m·n forward, B·m·n backward (W is frozen: no weight gradient), 2·B·k·(m+n) for the thin products (U and
+        Vᵀ are frozen too: the backward only needs the input gradient, whose G·U also gives dL/dc). Few rows
+        (low-resolution UNet blocks, text tokens, embeddings) favour the factored form."""
         rows = self.factored_rows(x)
         if rows is None or not self.uses_factors:
             return False
         m, n, k = self.spectral_U.shape[0], self.spectral_Vh.shape[1], self.spectral_S.numel()
-        return 3 * rows * k * (m + n) < rows * m * n + 2 * m * n * k
+        return 2 * rows * k * (m + n) < rows * m * n + 2 * m * n * k
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
