@@ -20,7 +20,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) examples/quickstart_tiny.py
+	$(PY) examples/quickstart.py
 
 bench: venv
 	$(PY) benchmarks/foundation.py

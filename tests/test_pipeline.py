@@ -456,3 +456,52 @@ def test_hotswap_does_not_recompile_a_compiled_unet(prototype, shifts, pipe):
     expected.load_spectral_shift(shifts["B"]["file"], "x")
     assert torch.equal(swapped, outputs(expected)[0])
     torch._dynamo.reset()
+
+
+def test_sdxl_pipeline_loads_composes_fuses_and_saves_all_three_components(tmp_path):
+    """The same loader on SDXL: UNet, text_encoder and text_encoder_2 shifts, weights inside the ReLU, exact fuse
+    round trip, save → load round trip, and a full pipeline call with SDXL's added conditioning."""
+    from .tiny_models import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(sa.StableDiffusionXLPipeline)
+    base = copy.deepcopy(pipe)
+    modules = {"unet": "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+               "text_encoder": "encoder.layers.0.self_attn.q_proj",
+               "text_encoder_2": "text_model.encoder.layers.1.mlp.fc1"}
+    deltas = {}
+    for label, seed in (("A", 1), ("B", 2)):
+        generator = torch.Generator().manual_seed(seed)
+        deltas[label] = {}
+        for component, name in modules.items():
+            sigma = _sigma(getattr(pipe, component).get_submodule(name))
+            deltas[label][component] = {name: (-0.7 * sigma * (0.5 + torch.rand(sigma.shape, generator=generator))).float()}
+        pipe.load_spectral_shift(deltas[label], label)
+    pipe.set_adapters(["A", "B"], weights=[0.25, 0.75])
+    for component, name in modules.items():
+        module = getattr(base, component).get_submodule(name)
+        weight = module.weight.detach().double()
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        shift = 0.25 * deltas["A"][component][name].double() + 0.75 * deltas["B"][component][name].double()
+        expected = ((U * torch.relu(S + shift)) @ Vh).float()
+        got = sa.tuner.layer.find_spectral_layer(getattr(pipe, component).get_submodule(name)).effective_weight()
+        assert (got - expected).abs().max() / expected.abs().max() < 1.5e-2
+
+    before = {c: copy.deepcopy(getattr(pipe, c).state_dict()) for c in modules}
+    pipe.fuse_spectral_shift()
+    pipe.unfuse_spectral_shift()
+    for component in modules:
+        for key, value in getattr(pipe, component).state_dict().items():
+            assert torch.equal(value, before[component][key]), key
+
+    path = pipe.save_spectral_shift(tmp_path / "sdxl", "A")
+    reloaded = sa.StableDiffusionXLPipeline.spectral_shift_state_dict(path)
+    assert sorted(reloaded.deltas) == sorted(modules)
+    for component, name in modules.items():
+        assert torch.equal(reloaded.deltas[component][name], deltas["A"][component][name])
+
+    images = pipe("a b", num_inference_steps=2, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3)
+    pipe.unload_spectral_shift()
+    for component in modules:
+        assert_unchanged(getattr(pipe, component), state_snapshot(getattr(base, component)))

@@ -534,7 +534,7 @@ def save_pipeline(vae, te, tokenizer, unet, scaling: float, out_dir: Path, log: 
 def final_evaluation(args, pipe_dir: Path, judge, log: Logger) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     results: dict = {"sweep": [], "guidance_candidates": args.guidance}
     best = None

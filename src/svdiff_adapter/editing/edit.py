@@ -196,7 +196,7 @@ def load_pipeline(path: str, *, revision: Optional[str] = None, variant: Optiona
 
     index = DiffusionPipeline.load_config(path, revision=revision)
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, torch_dtype=torch.float32,
+    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, dtype=torch.float32,
                                              **extra)
     missing = [name for name in ("unet", "vae", "encode_prompt") if getattr(pipe, name, None) is None]
     if missing:

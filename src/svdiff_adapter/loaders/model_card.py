@@ -65,7 +65,7 @@ import torch
 import svdiff_adapter
 from svdiff_adapter import {pipeline_class}
 
-pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{base}", dtype=torch.float16).to("cuda")
 pipe.load_spectral_shift({load_args})
 image = pipe("{prompt}", num_inference_steps=25).images[0]
 ```

@@ -97,7 +97,7 @@ def load_toyworld_pipeline(path: Union[str, Path, None] = None, device: str = "c
     path = Path(path) if path is not None else PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise AssetsMissingError(f"no toy-world pipeline at {path}. {_BUILD_HINT}")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

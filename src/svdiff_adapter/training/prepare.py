@@ -110,7 +110,7 @@ def prepare_class_images(args, subjects: list[Subject], accelerator) -> Optional
             precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
             pipe = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, torch_dtype=dtype, safety_checker=None,
+                args.pretrained_model_name_or_path, dtype=dtype, safety_checker=None,
                 requires_safety_checker=False, revision=args.revision, variant=args.variant)
             return pipe.to(accelerator.device)
 

@@ -17,7 +17,7 @@ def run_validation(args, accelerator, models, vae, text_encoder, tokenizer, step
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, unet=models["unet"], vae=vae,
         text_encoder=models.get("text_encoder", text_encoder), tokenizer=tokenizer, safety_checker=None,
-        requires_safety_checker=False, revision=args.revision, torch_dtype=torch.float32)
+        requires_safety_checker=False, revision=args.revision, dtype=torch.float32)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
