@@ -136,8 +136,9 @@ def main():
 
         def switch(weights):
             pipe.set_adapters(["a", "b"], weights=weights)
-            for layer in layers:  # what the next forward would do lazily
-                layer.effective_weight() if layer._spectral_active() else None
+            with torch.no_grad():  # what the next (no-grad) pipeline call would do lazily
+                for layer in layers:
+                    layer.effective_weight() if layer._spectral_active() else None
 
         switch([0.5, 0.5])
         row["switch_shift_s"] = statistics.median(timed(lambda w=w: switch(w))[0] for w in ([0.3, 0.7], [0.7, 0.3],

@@ -445,3 +445,18 @@ def test_factored_training_path_matches_recomposition(name, make_input):
     assert torch.allclose(layer.spectral_delta["a"].grad.double(), ref_shift.grad, rtol=1e-4, atol=1e-7)
     with torch.no_grad():
         assert torch.allclose(layer(x), out, atol=1e-5)  # the inference path agrees
+
+
+def test_factors_are_float32_while_training_and_come_back_bit_exact():
+    model, layer, _, _ = _two_adapters()
+    stored = layer.spectral_U.dtype, layer.spectral_U.clone(), layer.spectral_Vh.clone()
+    assert stored[0] == torch.float16
+    x = module_inputs()["proj"]
+    layer(x).square().mean().backward()  # a training step: δ requires grad
+    assert layer.spectral_U.dtype == torch.float32 and layer.spectral_Vh.dtype == torch.float32
+    with torch.no_grad():
+        inference = layer(x)  # building the inference weight returns the factors to their storage dtype
+    assert layer.spectral_U.dtype == torch.float16
+    assert torch.equal(layer.spectral_U, stored[1]) and torch.equal(layer.spectral_Vh, stored[2])
+    with torch.no_grad():
+        assert torch.equal(layer(x), inference)

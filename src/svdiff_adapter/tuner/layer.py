@@ -107,6 +107,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.register_buffer("spectral_weight", None, persistent=False)
         self._spectral_weight_key: Any = None
         self._spectral_built_for: Optional[tuple] = None
+        self._spectral_storage_dtype: Optional[torch.dtype] = None  # set while the factors are upcast for training
         # Switch cache: adapter name -> (what it was built from, U·diag(δ)·Vᵀ as a matrix in the weight's dtype).
         self.spectral_switch_cache = False
         self._spectral_adapter_deltas: dict[str, tuple[Any, torch.Tensor]] = {}
@@ -297,6 +298,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if not names:
             self.reset_spectral_cache()
             return
+        self._float32_factors(False)  # inference after training: back to the storage dtype
         with torch.no_grad():
             if self.spectral_switch_cache:
                 fresh = self._switch_cached_weight(self.base_layer.weight, names)
@@ -395,10 +397,28 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         names = self._spectral_active()
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
-        if self._needs_grad(names) and self._factored_is_cheaper(x):
-            change = torch.relu(self.spectral_S + self.combined_shift(names)) - self.spectral_S
-            return self.base_layer(x, *args, **kwargs) + self.factored_delta(x, change)
+        if self._needs_grad(names):
+            self._float32_factors(True)
+            if self._factored_is_cheaper(x):
+                change = torch.relu(self.spectral_S + self.combined_shift(names)) - self.spectral_S
+                return self.base_layer(x, *args, **kwargs) + self.factored_delta(x, change)
         return self.run_base(x, self.effective_weight())
+
+    def _float32_factors(self, training: bool) -> None:
+        """Hold U and Vᵀ in float32 while δ trains, in their storage dtype otherwise.
+
+        The maths runs in float32 either way; converting float16 factors on every training step cost a copy of all
+        factors in the forward and again in the backward (seconds per step, and float32 copies kept alive for the
+        backward). Both conversions are exact, so the factors come back bit for bit.
+        """
+        if not self.uses_factors:
+            return
+        if training and self.spectral_U.dtype != torch.float32:
+            self._spectral_storage_dtype = self.spectral_U.dtype
+            self.spectral_U, self.spectral_Vh = self.spectral_U.float(), self.spectral_Vh.float()
+        elif not training and self._spectral_storage_dtype is not None:
+            dtype, self._spectral_storage_dtype = self._spectral_storage_dtype, None
+            self.spectral_U, self.spectral_Vh = self.spectral_U.to(dtype), self.spectral_Vh.to(dtype)
 
     def _apply(self, fn, recurse=True):
         # Factors follow device moves but keep their storage dtype: `.half()`/`.to(bf16)` would throw away precision
