@@ -56,13 +56,14 @@ import gc
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from procmem import max_rss, reset_peak_rss, rss_now, status_bytes
 
 
 HERE = Path(__file__).resolve().parent
@@ -72,38 +73,6 @@ LABELS = {"ours": "spectral shift (ours)", "lora_r4": "LoRA r4 (PEFT)", "full_ft
 ADAPTER = "default"
 LORA_LR, FULL_LR = 5e-4, 5e-6  # the defaults of diffusers' train_dreambooth_lora.py / train_dreambooth.py
 SEQ_LEN = 77
-
-
-# ------------------------------------------------------------------------------------------ process memory (Linux)
-def _status_kib(field: str):
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_now():
-    """Current resident set size in bytes (None off Linux)."""
-    return _status_kib("VmRSS")
-
-
-def max_rss():
-    """Peak resident set size of this process so far (``ru_maxrss``; kilobytes on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux ≥ 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------ the step
@@ -248,7 +217,7 @@ def worker(args) -> dict:
         cpus.append(time.process_time() - cpu)
         print(f"[{args.worker}] step {index}: {walls[-1]:.3f} s", file=sys.stderr, flush=True)
     end_peak = max_rss()
-    row["steps_peak_rss_bytes"] = _status_kib("VmHWM") if row["steps_peak_rss_reset"] else None
+    row["steps_peak_rss_bytes"] = status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None
     row["peak_rss_bytes"] = max(row["setup_peak_rss_bytes"], end_peak)
     row["first_step_s"] = walls[0]
     row["warmup_s"] = walls[: args.warmup]

@@ -54,13 +54,16 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))  # benchmarks/procmem.py
+from procmem import max_rss, reset_peak_rss, rss_now, status_bytes  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -245,30 +248,6 @@ def bench_model(kind, folder, args):
 
 
 # ------------------------------------------------------------------ training step (--train-step)
-def _status_bytes(field):
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _max_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def bench_train_step(folder, args):
     """One training step of svdiff-pytorch's UNet; same step and keys as benchmarks/training.py."""
     import torch
@@ -276,11 +255,11 @@ def bench_train_step(folder, args):
     import svdiff_pytorch
 
     row = {"method": "svdiff_pytorch", "loadavg_start": list(os.getloadavg()), "threads": torch.get_num_threads(),
-           "rss_at_start_bytes": _status_bytes("VmRSS")}
+           "rss_at_start_bytes": rss_now()}
     t0 = time.perf_counter()
     unet = svdiff_pytorch.load_unet_for_svdiff(folder)
     row["load_s"] = time.perf_counter() - t0
-    row["rss_after_load_bytes"] = _status_bytes("VmRSS")
+    row["rss_after_load_bytes"] = rss_now()
     mods = spectral_modules(unet)
     t1 = time.perf_counter()
     for _, m in mods:
@@ -299,8 +278,8 @@ def bench_train_step(folder, args):
     unet.train()
     row["setup_s"] = time.perf_counter() - t0
     row["adapter_s"] = row["svd_s"]
-    row["rss_after_setup_bytes"] = _status_bytes("VmRSS")
-    row["setup_peak_rss_bytes"] = _max_rss()
+    row["rss_after_setup_bytes"] = rss_now()
+    row["setup_peak_rss_bytes"] = max_rss()
     trainable = params + params_1d
     row["trainable_params"] = sum(p.numel() for p in trainable)
     row["total_params"] = sum(p.numel() for p in unet.parameters())
@@ -331,7 +310,7 @@ def bench_train_step(folder, args):
         return float(loss.detach())
 
     gc.collect()
-    row["steps_peak_rss_reset"] = _reset_peak_rss()
+    row["steps_peak_rss_reset"] = reset_peak_rss()
     walls, cpus, losses = [], [], []
     for index in range(args.warmup + args.steps):
         c0, w0 = time.process_time(), time.perf_counter()
@@ -339,8 +318,8 @@ def bench_train_step(folder, args):
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
         log(f"[svdiff_pytorch] step {index}: {walls[-1]:.3f} s")
-    end_peak = _max_rss()
-    row["steps_peak_rss_bytes"] = _status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None
+    end_peak = max_rss()
+    row["steps_peak_rss_bytes"] = status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None
     row["peak_rss_bytes"] = max(row["setup_peak_rss_bytes"], end_peak)
     row["first_step_s"] = walls[0]
     row["warmup_s"] = walls[: args.warmup]
@@ -414,7 +393,7 @@ def main():
             out["text_encoder"] = r
         out["loadavg_end"] = list(os.getloadavg())
         if not args.train_step:  # (its row has its own peaks; the high-water mark was reset before the steps)
-            out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out["max_rss_bytes"] = max_rss()
     real_stdout.write(json.dumps(out, indent=1) + "\n")
     real_stdout.flush()
 

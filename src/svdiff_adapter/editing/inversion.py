@@ -69,17 +69,8 @@ def ddim_invert(pipe, latents: torch.Tensor, prompts: Sequence[str], *, num_infe
     Returns:
         `torch.Tensor`: z_T in float32, shape (len(prompts), C, h, w).
     """
-    from tqdm.auto import tqdm
-
     _, inverse = ddim_schedulers(pipe.scheduler.config)
-    inverse.set_timesteps(num_inference_steps, device=pipe.unet.device)
-    latents = _batch(latents.to(pipe.unet.device, torch.float32), prompts)
-    height, width = _pixel_size(pipe, latents)
-    conditioning = encode_prompts(pipe, prompts, guided=guidance_scale > 1, height=height, width=width)
-    for timestep in tqdm(inverse.timesteps, desc="DDIM inversion", disable=not progress):
-        noise = predict_noise(pipe.unet, latents, timestep, conditioning, guidance_scale)
-        latents = inverse.step(noise, timestep, latents).prev_sample
-    return latents
+    return _run_ddim(pipe, inverse, latents, prompts, num_inference_steps, guidance_scale, "DDIM inversion", progress)
 
 
 @torch.no_grad()
@@ -102,16 +93,22 @@ def ddim_sample(pipe, latents: torch.Tensor, prompts: Sequence[str], *, num_infe
     Returns:
         `torch.Tensor`: z₀ in float32 (decode with `decode_latents`).
     """
-    from tqdm.auto import tqdm
-
     if eta < 0:
         raise ValueError(f"`eta` should be >= 0 but the value passed is {eta}.")
     scheduler, _ = ddim_schedulers(pipe.scheduler.config)
+    return _run_ddim(pipe, scheduler, latents, prompts, num_inference_steps, guidance_scale, "DDIM sampling", progress,
+                     eta=eta, generator=generator)
+
+
+def _run_ddim(pipe, scheduler, latents, prompts, num_inference_steps, guidance_scale, desc, progress, **step_kwargs):
+    """The loop shared by inversion and sampling: only the scheduler (forward or inverse DDIM) differs."""
+    from tqdm.auto import tqdm
+
     scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
     latents = _batch(latents.to(pipe.unet.device, torch.float32), prompts)
     height, width = _pixel_size(pipe, latents)
     conditioning = encode_prompts(pipe, prompts, guided=guidance_scale > 1, height=height, width=width)
-    for timestep in tqdm(scheduler.timesteps, desc="DDIM sampling", disable=not progress):
+    for timestep in tqdm(scheduler.timesteps, desc=desc, disable=not progress):
         noise = predict_noise(pipe.unet, latents, timestep, conditioning, guidance_scale)
-        latents = scheduler.step(noise, timestep, latents, eta=eta, generator=generator).prev_sample
+        latents = scheduler.step(noise, timestep, latents, **step_kwargs).prev_sample
     return latents
