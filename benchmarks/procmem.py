@@ -1,10 +1,13 @@
-"""Process memory on Linux, without dependencies: shared by the project's benchmarks and the anchor scripts that run
+"""Process memory on Linux and the timed-steps loop, without dependencies: shared by the project's benchmarks and the anchor scripts that run
 in other virtual environments (they put this folder on sys.path)."""
 
 from __future__ import annotations
 
 import resource
-from typing import Optional
+import statistics
+import sys
+import time
+from typing import Callable, Optional
 
 
 def status_bytes(field: str) -> Optional[int]:
@@ -37,3 +40,27 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def time_steps(step: Callable[[int], float], warmup: int, steps: int, label: str, row: dict) -> dict:
+    """Run `step(index)` for `warmup + steps` indices (it returns the loss); wall/CPU times, losses and peak RSS.
+
+    `row` must hold "steps_peak_rss_reset" (from `reset_peak_rss()` just before) and "setup_peak_rss_bytes".
+    """
+    walls, cpus, losses = [], [], []
+    for index in range(warmup + steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        losses.append(step(index))
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        print(f"[{label}] step {index}: {walls[-1]:.3f} s", file=sys.stderr, flush=True)
+    return {
+        "steps_peak_rss_bytes": status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None,
+        "peak_rss_bytes": max(row["setup_peak_rss_bytes"], max_rss()),
+        "first_step_s": walls[0],
+        "warmup_s": walls[:warmup],
+        "step_s": statistics.median(walls[warmup:]),
+        "step_all_s": walls[warmup:],
+        "step_cpu_s": statistics.median(cpus[warmup:]),
+        "losses": losses,
+    }

@@ -57,13 +57,12 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from procmem import max_rss, reset_peak_rss, rss_now, status_bytes
+from procmem import max_rss, reset_peak_rss, rss_now, time_steps
 
 
 HERE = Path(__file__).resolve().parent
@@ -118,9 +117,9 @@ def svd_cache_arg(text):
     return None if text is None else (False if text.lower() in ("none", "0", "false", "off") else text)
 
 
-def setup_ours(unet, args, timings):
+def inject_ours(unet, args):
+    """Spectral shifts with the trainer's default targets; returns (config, defaults, injection seconds)."""
     import svdiff_adapter as sa
-    from svdiff_adapter.training import make_optimizer
     from svdiff_adapter.training.prepare import target_kinds
 
     defaults = trainer_defaults(args.unet_dir)
@@ -128,7 +127,13 @@ def setup_ours(unet, args, timings):
                                     norm_mode=defaults.norm_mode)
     start = time.perf_counter()
     sa.add_spectral_shift(unet, config, ADAPTER, svd_cache=svd_cache_arg(args.svd_cache), progress=False)
-    timings["adapter_s"] = time.perf_counter() - start
+    return config, defaults, time.perf_counter() - start
+
+
+def setup_ours(unet, args, timings):
+    from svdiff_adapter.training import make_optimizer
+
+    config, defaults, timings["adapter_s"] = inject_ours(unet, args)
     timings["targets"] = {"target_kinds": config.target_kinds, "norm_mode": config.norm_mode}
     return make_optimizer({"unet": unet}, ADAPTER, defaults.learning_rate, defaults.learning_rate_1d,
                           betas=(defaults.adam_beta1, defaults.adam_beta2), weight_decay=defaults.adam_weight_decay,
@@ -178,15 +183,7 @@ def worker(args) -> dict:
     row["load_s"] = time.perf_counter() - start
     row["rss_after_load_bytes"] = rss_now()
     if args.worker == "prime":  # fill the SVD cache for `ours`; nothing measured but its time
-        import svdiff_adapter as sa
-        from svdiff_adapter.training.prepare import target_kinds
-
-        defaults = trainer_defaults(args.unet_dir)
-        config = sa.SpectralShiftConfig(target_kinds=target_kinds(defaults.unet_target_kinds),
-                                        norm_mode=defaults.norm_mode)
-        start = time.perf_counter()
-        sa.add_spectral_shift(unet, config, ADAPTER, svd_cache=svd_cache_arg(args.svd_cache), progress=False)
-        row["inject_s"] = time.perf_counter() - start
+        _, _, row["inject_s"] = inject_ours(unet, args)
         return row
 
     optimizer = SETUPS[args.worker](unet, args, row)
@@ -209,22 +206,8 @@ def worker(args) -> dict:
     schedule = alphas_cumprod()
     gc.collect()
     row["steps_peak_rss_reset"] = reset_peak_rss()
-    walls, cpus, losses = [], [], []
-    for index in range(args.warmup + args.steps):
-        wall, cpu = time.perf_counter(), time.process_time()
-        losses.append(train_step(unet, optimizer, inputs[index], schedule))
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-        print(f"[{args.worker}] step {index}: {walls[-1]:.3f} s", file=sys.stderr, flush=True)
-    end_peak = max_rss()
-    row["steps_peak_rss_bytes"] = status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None
-    row["peak_rss_bytes"] = max(row["setup_peak_rss_bytes"], end_peak)
-    row["first_step_s"] = walls[0]
-    row["warmup_s"] = walls[: args.warmup]
-    row["step_s"] = statistics.median(walls[args.warmup:])
-    row["step_all_s"] = walls[args.warmup:]
-    row["step_cpu_s"] = statistics.median(cpus[args.warmup:])
-    row["losses"] = losses
+    row.update(time_steps(lambda index: train_step(unet, optimizer, inputs[index], schedule), args.warmup,
+                          args.steps, args.worker, row))
     row["trainable_moved"] = any(not torch.equal(a, b.detach()) for a, b in zip(before, watched))
     row["loadavg_end"] = list(os.getloadavg())
     return row

@@ -63,7 +63,7 @@ import warnings
 from pathlib import Path as _Path
 
 sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))  # benchmarks/procmem.py
-from procmem import max_rss, reset_peak_rss, rss_now, status_bytes  # noqa: E402
+from procmem import max_rss, reset_peak_rss, rss_now, time_steps  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -311,22 +311,7 @@ def bench_train_step(folder, args):
 
     gc.collect()
     row["steps_peak_rss_reset"] = reset_peak_rss()
-    walls, cpus, losses = [], [], []
-    for index in range(args.warmup + args.steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        losses.append(step(*inputs[index]))
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-        log(f"[svdiff_pytorch] step {index}: {walls[-1]:.3f} s")
-    end_peak = max_rss()
-    row["steps_peak_rss_bytes"] = status_bytes("VmHWM") if row["steps_peak_rss_reset"] else None
-    row["peak_rss_bytes"] = max(row["setup_peak_rss_bytes"], end_peak)
-    row["first_step_s"] = walls[0]
-    row["warmup_s"] = walls[: args.warmup]
-    row["step_s"] = statistics.median(walls[args.warmup:])
-    row["step_all_s"] = walls[args.warmup:]
-    row["step_cpu_s"] = statistics.median(cpus[args.warmup:])
-    row["losses"] = losses
+    row.update(time_steps(lambda index: step(*inputs[index]), args.warmup, args.steps, "svdiff_pytorch", row))
     row["trainable_moved"] = any(not torch.equal(a, b.detach()) for a, b in zip(before, watched))
     row["loadavg_end"] = list(os.getloadavg())
     # Last, so that reading the file cannot touch the measured peaks: the weights really came from the folder.
