@@ -460,3 +460,18 @@ def test_factors_are_float32_while_training_and_come_back_bit_exact():
     assert torch.equal(layer.spectral_U, stored[1]) and torch.equal(layer.spectral_Vh, stored[2])
     with torch.no_grad():
         assert torch.equal(layer(x), inference)
+
+
+def test_layers_expose_the_wrapped_modules_shape_attributes():
+    """Code that reads a module's shape off whatever sits at its path (diffusers' SDXL pipeline reads
+    `add_embedding.linear_1.in_features`) gets the base module's values."""
+    model = Mixed()
+    raw = {name: module for name, module in model.named_modules()}
+    add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS), svd_cache=False)
+    checked = 0
+    for name, layer in spectral_layers(model):
+        assert layer.mirrored_attributes
+        for attribute in layer.mirrored_attributes:
+            assert getattr(layer, attribute) == getattr(raw[name], attribute), (name, attribute)
+            checked += 1
+    assert checked >= 10

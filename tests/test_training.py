@@ -81,9 +81,13 @@ def test_loss_decreases_on_fixed_batch(tiny_model_dir, tmp_path):
     frozen = Frozen(pipe.vae, pipe.text_encoder, pipe.tokenizer,
                     DDPMScheduler.from_pretrained(tiny_model_dir, subfolder="scheduler"))
     optimizer = make_optimizer({"unet": pipe.unet}, "dog", learning_rate=3e-2)
+    assert_loss_decreases(pipe.unet, frozen, batch, optimizer)
+
+
+def assert_loss_decreases(unet, frozen, batch, optimizer, **loss_options):
     losses = []
     for _ in range(15):
-        loss, _ = training_loss(pipe.unet, frozen, batch, torch.Generator().manual_seed(1))
+        loss, _ = training_loss(unet, frozen, batch, torch.Generator().manual_seed(1), **loss_options)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -240,6 +244,94 @@ def test_clear_errors_for_bad_data(tmp_path, tiny_model_dir):
     assert parse_subject(f"dir={broken},prompt=a photo of sks dog, on grass,class=dog").token == "sks"
 
 
+# ------------------------------------------------------------------------------------------------ SDXL
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory):
+    from .tiny_models import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+def sdxl_frozen(pipe):
+    from diffusers import DDPMScheduler
+
+    return Frozen(pipe.vae, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config),
+                  text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+
+
+def test_sdxl_text_conditioning_matches_diffusers_pipeline(tiny_sdxl_dir):
+    """The trainer encodes prompts exactly as diffusers' SDXL pipeline does (hidden states and pooled embeddings),
+    and time ids say (original size, crop (0, 0), target size)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from svdiff_adapter.training.loss import encode_prompts, sdxl_time_ids
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    prompts = ["a photo of sks dog", "a dog"]
+    text = encode_prompts(sdxl_frozen(pipe), prompts, "cpu")
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(text.hidden, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(text.pooled, pooled, rtol=0, atol=0)
+    assert sdxl_time_ids(32, 48, 2, "cpu").tolist() == [[32, 48, 0, 0, 32, 48]] * 2
+
+
+def test_sdxl_loss_decreases_and_reaches_the_added_conditioning(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    sa.add_spectral_shift(pipe.unet, sa.SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"]), "dog",
+                          svd_cache=False)
+    sa.add_spectral_shift(pipe.text_encoder_2, sa.SpectralShiftConfig(target_kinds=["linear"]), "dog",
+                          svd_cache=False)
+    data = DreamBoothData([Subject(write_images(tmp_path / "dog"), "a photo of sks dog", class_name="dog")],
+                          ImageTransform(RESOLUTION, center_crop=True))
+    batch = data.sample(1, torch.Generator().manual_seed(0))
+    frozen = sdxl_frozen(pipe)
+    optimizer = make_optimizer({"unet": pipe.unet, "text_encoder_2": pipe.text_encoder_2}, "dog", learning_rate=3e-2)
+    loss, _ = training_loss(pipe.unet, frozen, batch, torch.Generator().manual_seed(1), train_text_encoder=True)
+    loss.backward()
+    # The pooled embeddings and time ids feed add_embedding; the second encoder's projection feeds the pooled ones.
+    unet_layer = pipe.unet.add_embedding.linear_1
+    assert unet_layer.spectral_delta["dog"].grad.abs().max() > 0
+    assert pipe.text_encoder_2.text_projection.spectral_delta["dog"].grad.abs().max() > 0
+    optimizer.zero_grad()
+    assert_loss_decreases(pipe.unet, frozen, batch, optimizer, train_text_encoder=True)
+
+
+def test_sdxl_training_run_saves_all_three_components(tiny_sdxl_dir, tmp_path):
+    """`train` on an SDXL folder: prior images made by the SDXL pipeline, shifts of the UNet and both text encoders
+    in one file that loads back into the pipeline with the base weights untouched."""
+    instance = write_images(tmp_path / "dog")
+    args = train_args(tiny_sdxl_dir, tmp_path / "out", "--instance_data_dir", instance, "--instance_prompt",
+                      "a photo of sks dog", "--with_prior_preservation", "--class_data_dir", tmp_path / "class",
+                      "--class_prompt", "a photo of dog", "--num_class_images", 2, "--class_inference_steps", 2,
+                      "--sample_batch_size", 2, "--max_train_steps", 3, "--train_text_encoder",
+                      "--learning_rate", 1e-2, "--validation_prompt", "a photo of sks dog", "--validation_steps", 3,
+                      "--num_validation_images", 1, "--validation_inference_steps", 2)
+    train(args)
+    assert len(list((tmp_path / "class").iterdir())) == 2
+    assert len(list((tmp_path / "out" / "validation").iterdir())) == 1
+    weights = tmp_path / "out" / sa.DEFAULT_WEIGHT_NAME
+    shift = sa.load_shift_file(weights)
+    assert set(shift.deltas) == {"unet", "text_encoder", "text_encoder_2"}
+    for component, deltas in shift.deltas.items():
+        assert any(d.abs().max() > 0 for d in deltas.values()), component
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    base = {name: p.clone() for name, p in pipe.unet.named_parameters()}
+    sa.patch_diffusers()
+    pipe.load_spectral_shift(str(weights), adapter_name="dog")  # fingerprints match: base weights unchanged
+    loaded = sa.get_spectral_shift_state_dict(pipe.text_encoder_2, "dog")
+    for name, delta in shift.deltas["text_encoder_2"].items():
+        torch.testing.assert_close(loaded[name], delta, rtol=0, atol=0)
+    pipe.unload_spectral_shift()
+    assert all(torch.equal(p, base[name]) for name, p in pipe.unet.named_parameters())
+
+
 def test_clear_errors_for_bad_base_model(tmp_path, tiny_model_dir):
     import shutil
 
@@ -248,10 +340,16 @@ def test_clear_errors_for_bad_base_model(tmp_path, tiny_model_dir):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ValueError, match=r"lacks the component\(s\) \['vae'\]"):
         check_base_model(str(broken))
+    shutil.copytree(tiny_model_dir + "/vae", broken / "vae")
+    assert check_base_model(str(broken)) is False
     index = json.loads((broken / "model_index.json").read_text())
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (broken / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(NotImplementedError, match="SDXL"):
+    with pytest.raises(ValueError, match=r"lacks the component\(s\) \['text_encoder_2', 'tokenizer_2'\]"):
+        check_base_model(str(broken))
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(NotImplementedError, match="transformer-based"):
         check_base_model(str(broken))
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         check_base_model(str(tmp_path))

@@ -95,8 +95,7 @@ def edit_image(
     The pipeline is left as it was: the adapter added here is unloaded at the end (`EditResult.shift` keeps it).
 
     Args:
-        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline (SDXL needs `shift` or `max_train_steps=0`: fine-tuning is
-            SD 1.x/2.x only). Fine-tuning needs a float32 UNet.
+        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline. Fine-tuning needs a float32 UNet.
         image: a path or a PIL image (any mode; converted to RGB).
         source_prompt (`str`, *optional*): describes the input; required for fine-tuning.
         target_prompts (`str` or `list[str]`): one edit per prompt.

@@ -18,7 +18,6 @@ from ..training.data import Batch
 from ..training.loss import Frozen, training_loss
 from ..training.optim import make_optimizer, trainable_parameters
 from ..tuner import SpectralShiftConfig
-from .conditioning import is_sdxl
 from .images import image_to_tensor
 
 
@@ -43,8 +42,7 @@ def finetune_on_image(
     `save_spectral_shift(path, {"unet": pipe.unet}, adapter_name)`, remove it with `unload_spectral_shift`.
 
     Args:
-        pipe: a Stable Diffusion 1.x/2.x pipeline with a float32 UNet (SDXL is refused: the trainer's loss does not
-            build SDXL's added conditioning yet).
+        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline with a float32 UNet.
         image (`PIL.Image.Image`): RGB, sides multiples of the VAE factor (see `prepare_image`).
         prompt (`str`): the source prompt describing the image.
         max_train_steps (`int`, defaults to 300): optimizer steps, batch 1.
@@ -63,9 +61,6 @@ def finetune_on_image(
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    if is_sdxl(pipe):
-        raise NotImplementedError("Fine-tuning spectral shifts on SDXL is not supported yet (the trainer covers SD "
-                                  "1.x/2.x); edit with a shift trained elsewhere (`shift=` / --shift).")
     if pipe.unet.dtype != torch.float32:
         raise ValueError(f"Fine-tuning needs a float32 UNet (δ trains against the float32 base weights, as in the "
                          f"trainer); this one is {pipe.unet.dtype}. Load the pipeline in float32.")
@@ -75,7 +70,8 @@ def finetune_on_image(
     add_spectral_shift(unet, SpectralShiftConfig(target_kinds=list(target_kinds)), adapter_name, svd_cache=svd_cache)
     optimizer = make_optimizer({"unet": unet}, adapter_name, learning_rate, learning_rate_1d)
     frozen = Frozen(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+                    text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None))
     # λ = 0: the batch holds only the instance sample, so `training_loss` adds no prior term.
     batch = Batch(pixel_values=image_to_tensor(image), prompts=[prompt], num_instance=1, pairs=[None])
     generator = torch.Generator()

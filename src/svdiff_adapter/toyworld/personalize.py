@@ -126,22 +126,24 @@ def subject_scores(
 ) -> dict:
     """Judge ``per_background`` samples of "a <identifier> <shape> on a <bg> background" per background.
 
-    Returns ``{"subject": {bg: rate}, "background": {bg: rate}, "subject_mean": ..., "background_mean": ...}``:
-    the rate of samples judged to be the subject (shape, pattern and both colours) and the rate whose background is
-    the requested one.
+    Returns ``{"subject": {bg: rate}, "background": {bg: rate}, "subject_and_background": {bg: rate}}`` and the
+    ``*_mean`` of each over the backgrounds: the rate of samples judged to be the subject (shape, pattern and both
+    colours), the rate whose background is the requested one, and the rate where both hold.
     """
     from . import generate, judge_images
 
     identifier = identifier or subject.identifier
     prompts = [subject.prompt(bg, identifier) for bg in backgrounds for _ in range(per_background)]
     judged = judge_images(generate(pipe, prompts, seed=seed), judge=judge)
-    result = {"subject": {}, "background": {}}
+    result = {"subject": {}, "background": {}, "subject_and_background": {}}
     for k, bg in enumerate(backgrounds):
         rows = range(k * per_background, (k + 1) * per_background)
         result["subject"][bg] = sum(_is_subject(judged, i, subject) for i in rows) / per_background
         result["background"][bg] = sum(judged["background"][i] == bg for i in rows) / per_background
-    result["subject_mean"] = sum(result["subject"].values()) / len(backgrounds)
-    result["background_mean"] = sum(result["background"].values()) / len(backgrounds)
+        result["subject_and_background"][bg] = sum(
+            _is_subject(judged, i, subject) and judged["background"][i] == bg for i in rows) / per_background
+    for key in ("subject", "background", "subject_and_background"):
+        result[f"{key}_mean"] = sum(result[key].values()) / len(backgrounds)
     return result
 
 

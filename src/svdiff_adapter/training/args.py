@@ -11,7 +11,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add every training option to `parser` (used by the example script and by ``svdiff train``)."""
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Hub id or local folder of a Stable Diffusion 1.x/2.x pipeline.")
+                       help="Hub id or local folder of a Stable Diffusion 1.x/2.x or SDXL pipeline.")
     model.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weight variant of the base model, e.g. fp16.")
     model.add_argument("--base_model_id", type=str, default=None,

@@ -59,7 +59,10 @@ def train(args: argparse.Namespace) -> dict:
     data = DreamBoothData(subjects, transform, cutmix_prob=args.cutmix_prob,
                           with_prior_preservation=args.with_prior_preservation, class_images=class_images)
 
-    tokenizer, noise_scheduler, text_encoder, vae, unet = load_components(args)
+    unet, frozen = load_components(args)
+    text_encoders = {component: model for component, model in (("text_encoder", frozen.text_encoder),
+                                                                ("text_encoder_2", frozen.text_encoder_2))
+                     if model is not None}
     name = args.adapter_name
     cache = svd_cache_option(args)
     add_spectral_shift(unet, SpectralShiftConfig(target_kinds=target_kinds(args.unet_target_kinds),
@@ -68,12 +71,14 @@ def train(args: argparse.Namespace) -> dict:
     if args.train_text_encoder:
         text_config = SpectralShiftConfig(target_kinds=target_kinds(args.text_encoder_target_kinds),
                                           norm_mode=args.norm_mode)
-        add_spectral_shift(text_encoder, text_config, name, svd_cache=cache)
-        trained["text_encoder"] = text_encoder
+        for component, model in text_encoders.items():
+            add_spectral_shift(model, text_config, name, svd_cache=cache)
+            trained[component] = model
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for model in text_encoders.values():
+                model.gradient_checkpointing_enable()
     store = None
     if args.unmix_weight > 0 and len(subjects) > 1:
         store = CrossAttentionStore()
@@ -91,16 +96,19 @@ def train(args: argparse.Namespace) -> dict:
 
     # Frozen models in the autocast precision; the trained models keep fp32 base weights (fingerprints, exact δ=0).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    frozen.vae.to(accelerator.device, dtype=weight_dtype)
     if not args.train_text_encoder:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    models = {component: accelerator.unwrap_model(model) for component, model in
-              (("unet", unet), ("text_encoder", text_encoder)) if component in trained}
-    frozen = Frozen(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler)
+        for model in text_encoders.values():
+            model.to(accelerator.device, dtype=weight_dtype)
+    components = list(trained)
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    wrapped = dict(zip(components, prepared[: len(components)]))
+    optimizer, lr_scheduler = prepared[len(components):]
+    unet = wrapped["unet"]
+    models = {component: accelerator.unwrap_model(model) for component, model in wrapped.items()}
+    # The loss calls the (DDP-wrapped) trained text encoders.
+    frozen.text_encoder = wrapped.get("text_encoder", frozen.text_encoder)
+    frozen.text_encoder_2 = wrapped.get("text_encoder_2", frozen.text_encoder_2)
 
     global_step = 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -134,7 +142,7 @@ def train(args: argparse.Namespace) -> dict:
             for micro in range(accumulation):
                 generator = _step_generator(args.seed, accelerator.process_index, global_step * accumulation + micro)
                 batch = data.sample(args.train_batch_size, generator)
-                with accelerator.accumulate(*[unet, text_encoder][: len(trained)]):
+                with accelerator.accumulate(*wrapped.values()):
                     with accelerator.autocast():
                         loss, parts = training_loss(
                             unet, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
@@ -157,7 +165,7 @@ def train(args: argparse.Namespace) -> dict:
                 checkpoint_now(global_step)
             if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
-                    run_validation(args, accelerator, models, vae, text_encoder, tokenizer, global_step)
+                    run_validation(args, accelerator, models, frozen, global_step)
     except KeyboardInterrupt:
         accelerator.print(f"Interrupted: saving a checkpoint at step {global_step} before exiting.")
         if accelerator.is_main_process:

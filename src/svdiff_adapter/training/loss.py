@@ -16,18 +16,54 @@ from .data import Batch
 
 @dataclass
 class Frozen:
-    """The parts of the pipeline that only feed the UNet (the text encoder may carry trainable shifts)."""
+    """The parts of the pipeline that only feed the UNet (the text encoders may carry trainable shifts).
+
+    SDXL pipelines also give `text_encoder_2` / `tokenizer_2`; the UNet then gets SDXL's added conditioning."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object
+    text_encoder_2: Optional[torch.nn.Module] = None
+    tokenizer_2: Optional[object] = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    return ids, text_encoder(ids.to(device))[0]
+@dataclass
+class TextConditioning:
+    """Encoded prompts: the first tokenizer's ids (for the unmix weights), the UNet's `encoder_hidden_states` and,
+    for SDXL, the pooled embeddings of the second encoder."""
+
+    input_ids: torch.Tensor
+    hidden: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+
+
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompts(frozen: Frozen, prompts: list[str], device) -> TextConditioning:
+    """SD 1.x/2.x: the text encoder's last hidden states. SDXL, as diffusers' `StableDiffusionXLPipeline
+    .encode_prompt` (clip_skip None): both encoders' penultimate hidden states side by side, and the second encoder's
+    projected pooled output."""
+    ids = _token_ids(frozen.tokenizer, prompts)
+    if not frozen.is_sdxl:
+        return TextConditioning(ids, frozen.text_encoder(ids.to(device))[0])
+    ids_2 = _token_ids(frozen.tokenizer_2, prompts)
+    first = frozen.text_encoder(ids.to(device), output_hidden_states=True)
+    second = frozen.text_encoder_2(ids_2.to(device), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return TextConditioning(ids, hidden, second[0])
+
+
+def sdxl_time_ids(height: int, width: int, batch_size: int, device) -> torch.Tensor:
+    """SDXL's six size conditions for uncropped training images: original size, crop corner (0, 0), target size."""
+    return torch.tensor([[height, width, 0, 0, height, width]] * batch_size, dtype=torch.float32, device=device)
 
 
 def training_loss(
@@ -44,7 +80,7 @@ def training_loss(
     """One forward pass; returns the total loss and its parts (floats) for logging.
 
     Noise, timesteps and the VAE's latent sample are drawn from `generator` (on the CPU), so a step is determined
-    by the batch and the generator.
+    by the batch and the generator. `train_text_encoder` keeps the graph through the text encoder(s).
     """
     vae, noise_scheduler = frozen.vae, frozen.noise_scheduler
     device = next(p for p in unet.parameters()).device
@@ -57,13 +93,20 @@ def training_loss(
                               generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.set_grad_enabled(train_text_encoder):
-        input_ids, hidden = encode_prompts(frozen.tokenizer, frozen.text_encoder, batch.prompts, device)
+        text = encode_prompts(frozen, batch.prompts, device)
+    dtype = unet.dtype if hasattr(unet, "dtype") else text.hidden.dtype
+    added_conditioning = {}
+    if text.pooled is not None:
+        height, width = batch.pixel_values.shape[-2:]
+        added_conditioning["added_cond_kwargs"] = {
+            "text_embeds": text.pooled.to(dtype),
+            "time_ids": sdxl_time_ids(height, width, latents.shape[0], device).to(dtype)}
     use_unmix = unmix_weight > 0 and store is not None and batch.has_cutmix
     if use_unmix:
-        weights = identifier_token_weights(frozen.tokenizer, input_ids[: batch.num_instance], batch.pairs)
+        weights = identifier_token_weights(frozen.tokenizer, text.input_ids[: batch.num_instance], batch.pairs)
         store.start(weights, batch.masks)
     try:
-        prediction = unet(noisy, timesteps, hidden.to(unet.dtype if hasattr(unet, "dtype") else hidden.dtype)).sample
+        prediction = unet(noisy, timesteps, text.hidden.to(dtype), **added_conditioning).sample
         unmix = store.loss() if use_unmix else None
     finally:
         if use_unmix:

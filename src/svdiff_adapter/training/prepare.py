@@ -19,6 +19,7 @@ from .subjects import Subject, check_identifier, load_concepts_list, parse_subje
 logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 
 
 def build_subjects(args: argparse.Namespace) -> list[Subject]:
@@ -50,40 +51,76 @@ def build_subjects(args: argparse.Namespace) -> list[Subject]:
     return subjects
 
 
-def check_base_model(path: str) -> None:
-    """A local base-model folder must be an SD 1.x/2.x pipeline: clear errors for missing parts and SDXL."""
+def check_base_model(path: str) -> bool:
+    """A local base-model folder must be an SD 1.x/2.x or SDXL pipeline: clear errors for missing parts and other
+    families. Returns whether it is SDXL (False for a Hub id, which `from_pretrained` checks itself)."""
     folder = Path(path)
     if not folder.is_dir():
-        return  # a Hub id: from_pretrained reports its own errors
+        return False
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{path!r} is not a diffusers pipeline folder (no model_index.json).")
     index = json.loads(index_file.read_text())
-    if "text_encoder_2" in index or "transformer" in index:
-        raise NotImplementedError(f"{path!r} is not a Stable Diffusion 1.x/2.x pipeline ({index.get('_class_name')});"
-                                  " SDXL and transformer-based pipelines are not supported by the trainer yet.")
-    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (folder / c).is_dir()
-               or index.get(c) in (None, [None, None])]
+    if "transformer" in index or "unet" not in index:
+        raise NotImplementedError(f"{path!r} is not a Stable Diffusion 1.x/2.x or SDXL pipeline "
+                                  f"({index.get('_class_name')}); transformer-based pipelines are not supported.")
+    sdxl = "text_encoder_2" in index
+    needed = REQUIRED_COMPONENTS + (SDXL_COMPONENTS if sdxl else ())
+    missing = [c for c in needed if c not in index or not (folder / c).is_dir() or index.get(c) in (None, [None, None])]
     if missing:
         raise ValueError(f"The base model {path!r} lacks the component(s) {missing}; training needs "
-                         f"{list(REQUIRED_COMPONENTS)}.")
+                         f"{list(needed)}.")
+    return sdxl
 
 
 def load_components(args: argparse.Namespace):
+    """(unet, frozen): the UNet and the parts that feed it (`Frozen`; SDXL's second tokenizer and text encoder
+    when the pipeline has them), all with gradients off."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .loss import Frozen
 
     path = args.pretrained_model_name_or_path
-    check_base_model(path)
+    sdxl = check_base_model(path) or _hub_model_is_sdxl(path, args.revision)
     common = {"revision": args.revision}
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    return tokenizer, noise_scheduler, text_encoder, vae, unet
+    weights = {"variant": args.variant, **common}
+    frozen = Frozen(
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
+    if sdxl:
+        frozen.tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
+        frozen.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                            **weights)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+    for model in (frozen.text_encoder, frozen.text_encoder_2, frozen.vae, unet):
+        if model is not None:
+            model.requires_grad_(False)
+    return unet, frozen
+
+
+def _hub_model_is_sdxl(repo_id: str, revision: Optional[str]) -> bool:
+    """Whether a Hub pipeline's model_index.json lists a second text encoder (read through the Hub cache)."""
+    if Path(repo_id).exists():
+        return False
+    from diffusers import DiffusionPipeline
+
+    return "text_encoder_2" in DiffusionPipeline.load_config(repo_id, revision=revision)
+
+
+def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype = torch.float32, **components):
+    """The base model's text-to-image pipeline (SD or SDXL, from its model_index.json), safety checker off;
+    `components` replace loaded ones (e.g. the UNet being trained)."""
+    from diffusers import DiffusionPipeline
+
+    extra = {"safety_checker": None, "requires_safety_checker": False}
+    config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    if "safety_checker" not in config:
+        extra = {}
+    return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, revision=args.revision,
+                                             variant=args.variant, **extra, **components)
 
 
 def target_kinds(text: str) -> list[str]:
@@ -105,14 +142,9 @@ def prepare_class_images(args, subjects: list[Subject], accelerator) -> Optional
             raise TrainingDataError("--with_prior_preservation needs --class_data_dir.")
     if accelerator.is_main_process:
         def make_pipeline():
-            from diffusers import StableDiffusionPipeline
-
             precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, dtype=dtype, safety_checker=None,
-                requires_safety_checker=False, revision=args.revision, variant=args.variant)
-            return pipe.to(accelerator.device)
+            return load_base_pipeline(args, dtype).to(accelerator.device)
 
         pipeline_holder: dict = {}
 

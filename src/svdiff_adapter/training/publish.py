@@ -10,14 +10,18 @@ from ..format import DEFAULT_WEIGHT_NAME
 from .subjects import Subject
 
 
-def run_validation(args, accelerator, models, vae, text_encoder, tokenizer, step: int) -> list:
-    """Render `--num_validation_images` for `--validation_prompt` into output_dir/validation/."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def run_validation(args, accelerator, models, frozen, step: int) -> list:
+    """Render `--num_validation_images` for `--validation_prompt` into output_dir/validation/ with the models being
+    trained (`models`: component → unwrapped model) and the frozen parts."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=models["unet"], vae=vae,
-        text_encoder=models.get("text_encoder", text_encoder), tokenizer=tokenizer, safety_checker=None,
-        requires_safety_checker=False, revision=args.revision, dtype=torch.float32)
+    from .prepare import load_base_pipeline
+
+    components = {"vae": frozen.vae, "tokenizer": frozen.tokenizer, "text_encoder": frozen.text_encoder}
+    if frozen.is_sdxl:
+        components.update(tokenizer_2=frozen.tokenizer_2, text_encoder_2=frozen.text_encoder_2)
+    components.update(models)
+    pipeline = load_base_pipeline(args, torch.float32, **components)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)

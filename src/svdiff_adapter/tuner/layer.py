@@ -89,10 +89,15 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("spectral_delta",)
     other_param_names = ("spectral_scaling",)
+    # Shape attributes of the wrapped module that callers read off the layer they find (diffusers' SDXL pipeline reads
+    # `unet.add_embedding.linear_1.in_features`), copied as PEFT's LoRA layers copy in/out_features.
+    mirrored_attributes: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module, factors: Optional[SpectralFactors]) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
+        for attribute in self.mirrored_attributes:
+            setattr(self, attribute, getattr(base_layer, attribute))
         self.spectral_delta = nn.ParameterDict()
         self.spectral_scaling: dict[str, float] = {}
         self._spectral_unscaled: Optional[dict[str, float]] = None
@@ -441,6 +446,8 @@ def _factors_as(layer: SpectralShiftLayer, x: torch.Tensor, change: torch.Tensor
 
 
 class Linear(SpectralShiftLayer):
+    mirrored_attributes = ("in_features", "out_features")
+
     def run_base(self, x, weight):
         return F.linear(x, weight, self.base_layer.bias)
 
@@ -453,6 +460,8 @@ class Linear(SpectralShiftLayer):
 
 
 class Conv2d(SpectralShiftLayer):
+    mirrored_attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+
     def run_base(self, x, weight):
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
 
@@ -469,6 +478,8 @@ class Conv2d(SpectralShiftLayer):
 
 
 class Embedding(SpectralShiftLayer):
+    mirrored_attributes = ("num_embeddings", "embedding_dim", "padding_idx")
+
     def run_base(self, x, weight):
         base = self.base_layer
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
@@ -483,12 +494,16 @@ class Embedding(SpectralShiftLayer):
 
 
 class LayerNorm(SpectralShiftLayer):
+    mirrored_attributes = ("normalized_shape", "eps")
+
     def run_base(self, x, weight):
         base = self.base_layer
         return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
 
 
 class GroupNorm(SpectralShiftLayer):
+    mirrored_attributes = ("num_groups", "num_channels", "eps")
+
     def run_base(self, x, weight):
         base = self.base_layer
         return F.group_norm(x, base.num_groups, weight, base.bias, base.eps)
