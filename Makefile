@@ -4,7 +4,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench quality clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/foundation.py
+
+# Toy-world quality benchmark (~80 min on 2 cores; resumable): results in benchmarks/results/quality.md.
+quality: venv
+	$(PIP) install -q -e ".[test,bench]"
+	$(PY) benchmarks/quality/run.py --out .bench/quality
+	$(PY) benchmarks/quality/report.py --out .bench/quality
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

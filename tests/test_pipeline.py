@@ -505,3 +505,25 @@ def test_sdxl_pipeline_loads_composes_fuses_and_saves_all_three_components(tmp_p
     pipe.unload_spectral_shift()
     for component in modules:
         assert_unchanged(getattr(pipe, component), state_snapshot(getattr(base, component)))
+
+
+def test_model_cpu_offload_stays_on_through_load_and_unload(prototype, shifts):
+    """With `enable_model_cpu_offload` (here onto the CPU itself, the only device of the test machine) the hooks are
+    taken off while the shift is added, put back on the device the user chose, and images match a pipeline without
+    offloading. (Sequential offload cannot run on a CPU-only machine: accelerate fails on the meta weights of a
+    plain pipeline already.)"""
+    def image(pipe):
+        return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    height=32, width=32).images
+
+    plain = copy.deepcopy(prototype)
+    plain.load_spectral_shift(shifts["A"]["file"], "A")
+    offloaded = copy.deepcopy(prototype)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    base_image = image(offloaded)
+    offloaded.load_spectral_shift(shifts["A"]["file"], "A")
+    assert offloaded._offload_device.type == "cpu" and offloaded.unet._hf_hook is not None
+    torch.testing.assert_close(image(offloaded), image(plain), rtol=0, atol=0)
+    offloaded.unload_spectral_shift()
+    assert offloaded.unet._hf_hook is not None
+    torch.testing.assert_close(image(offloaded), base_image, rtol=0, atol=0)

@@ -154,10 +154,13 @@ def _offloading_suspended(pipe):
     try:
         yield
     finally:
+        # Back on the device the hooks served (as diffusers' `maybe_free_model_hooks` does); without `device=` diffusers
+        # picks the default accelerator, which differs from the user's choice or is missing.
+        device = getattr(pipe, "_offload_device", None)
         if model_offload:
-            pipe.enable_model_cpu_offload()
+            pipe.enable_model_cpu_offload(device=device)
         elif sequential_offload:
-            pipe.enable_sequential_cpu_offload()
+            pipe.enable_sequential_cpu_offload(device=device)
 
 
 def _move_adapter(layer: BaseTunerLayer, adapter_name: str, device) -> None:

@@ -18,7 +18,7 @@ from .attention import CrossAttentionStore, install_attention_recorders
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothData
 from .images import ImageTransform
-from .loss import Frozen, training_loss
+from .loss import training_loss
 from .optim import make_optimizer, trainable_parameters
 from .publish import push_output, run_validation
 from .prepare import build_subjects, load_components, prepare_class_images, svd_cache_option, target_kinds

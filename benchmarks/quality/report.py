@@ -1,0 +1,184 @@
+"""Tables and plots from the quality benchmark's runs (``run.py``): writes ``benchmarks/results/quality.md`` and the
+plots under ``docs/images/``.
+
+    python benchmarks/quality/report.py --out .bench/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import table_specs  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BACKGROUNDS = ("white", "black", "gray", "blue", "green")
+HELD_OUT = ("blue", "green")
+METHOD_ORDER = ("shift (UNet+TE)", "shift (UNet)", "LoRA r1 (UNet+TE)", "LoRA r4 (UNet+TE)", "LoRA r16 (UNet+TE)",
+                "full FT (UNet+TE)")
+
+
+def load_runs(out: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.0f}"
+
+
+def spread(values: list[float]) -> str:
+    """Mean over seeds, with the per-seed values when there are several."""
+    if len(values) == 1:
+        return pct(values[0])
+    return f"{pct(mean(values))} ({'/'.join(pct(v) for v in values)})"
+
+
+def table_runs(runs: list[dict], out: Path) -> dict[tuple[str, bool], list[dict]]:
+    """The main table's runs (each method at the learning rate its sweep chose) grouped by (method label, prior)."""
+    chosen = {f"single-{spec.slug}-" for spec in table_specs(out)}
+    groups: dict[tuple[str, bool], list[dict]] = defaultdict(list)
+    for run in runs:
+        if run["kind"] == "single" and any(run["id"].startswith(prefix) for prefix in chosen):
+            groups[(run["label"], run["prior"])].append(run)
+    return groups
+
+
+def single_table(groups: dict, base: dict) -> list[str]:
+    lines = ["| method | prior | lr | subject + bg, all bgs | subject: white / black / gray (trained) | subject: "
+             "blue / green (held out) | requested bg obeyed | ordinary prompts correct | leakage | trainable params "
+             "| file | train s |", "|" + "---|" * 12]
+    lines.append(f"| base model | – | – | {pct(base['subject_and_background_mean'])} | – | – | "
+                 f"{pct(base['background_mean'])} | {pct(base['ordinary_prompts_correct'])} | {pct(base['leakage'])} "
+                 "| 0 | – | – |")
+    for label in METHOD_ORDER:
+        for prior in (True, False):
+            group = sorted(groups.get((label, prior), []), key=lambda r: r["seed"])
+            if not group:
+                continue
+            per_bg = {bg: mean(r["subject"][bg] for r in group) for bg in BACKGROUNDS}
+            lines.append(
+                f"| {label} | {'yes' if prior else 'no'} | {group[0]['learning_rate']:g} | "
+                f"{spread([r['subject_and_background_mean'] for r in group])} | "
+                f"{' / '.join(pct(per_bg[bg]) for bg in BACKGROUNDS[:3])} | "
+                f"{' / '.join(pct(per_bg[bg]) for bg in HELD_OUT)} | "
+                f"{spread([r['background_mean'] for r in group])} | "
+                f"{spread([r['ordinary_prompts_correct'] for r in group])} | "
+                f"{spread([r['leakage'] for r in group])} | {group[0]['trainable_parameters']:,} | "
+                f"{group[0]['file_bytes'] / 1e3:,.0f} kB | {mean(r['train_seconds'] for r in group):.0f} |")
+    return lines
+
+
+def sweep_table(runs: list[dict]) -> list[str]:
+    sweep = [r for r in runs if r["kind"] == "single" and r["seed"] == 0 and r["prior"] and r["train_text_encoder"]
+             and r.get("rank") in (None, 4)]
+    lines = ["| method | lr | subject + bg | subject | requested bg | ordinary prompts | leakage |", "|" + "---|" * 7]
+    for run in sorted(sweep, key=lambda r: (r["method"], r["learning_rate"])):
+        lines.append(f"| {run['label']} | {run['learning_rate']:g} | {pct(run['subject_and_background_mean'])} | "
+                     f"{pct(run['subject_mean'])} | {pct(run['background_mean'])} | "
+                     f"{pct(run['ordinary_prompts_correct'])} | {pct(run['leakage'])} |")
+    return lines
+
+
+def interpolation_table(result: dict) -> list[str]:
+    first, second = result["subjects"]
+    lines = [f"| α (weight of {first}) | judged {first} | judged {second} | {first} pattern | {second} pattern | "
+             "circle |", "|---|---|---|---|---|---|"]
+    for point in result["curve"]:
+        lines.append(f"| {point['alpha']:.1f} | {pct(point[first])} | {pct(point[second])} | "
+                     f"{pct(point[first + '_pattern'])} | {pct(point[second + '_pattern'])} | {pct(point['circle'])} |")
+    return lines
+
+
+def editing_table(result: dict) -> list[str]:
+    lines = ["| source (judged) | target prompt | judged edit (shape, colour, bg) | obeys target | keeps shape |",
+             "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        judged = row["judged"]
+        source = row["source_judged"]
+        lines.append(f"| {row['source']} ({source['color']} {source['shape']} on {source['background']}) | "
+                     f"{row['target']} | {judged['shape']}, {judged['color']}, {judged['background']} | "
+                     f"{'yes' if row['obeys_target'] else 'no'} | {'yes' if row['keeps_shape'] else 'no'} |")
+    rate = mean(r["obeys_target"] and r["keeps_shape"] for r in result["rows"])
+    lines.append(f"\nEdits that obey the target and keep the shape: {pct(rate)} % of {len(result['rows'])}.")
+    return lines
+
+
+def plot_single(groups: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label in METHOD_ORDER if (label, True) in groups or (label, False) in groups]
+    panels = [("subject rate, trained backgrounds", lambda r: mean(r["subject"][bg] for bg in BACKGROUNDS[:3])),
+              ("subject rate, held-out backgrounds", lambda r: mean(r["subject"][bg] for bg in HELD_OUT)),
+              ('leakage: "a circle" drawn as the subject', lambda r: r["leakage"])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 3.8), sharey=True)
+    width = 0.38
+    for axis, (title, measure) in zip(axes, panels):
+        for offset, prior in ((-width / 2, True), (width / 2, False)):
+            values = [mean(measure(r) for r in groups[(label, prior)]) if groups.get((label, prior)) else 0
+                      for label in labels]
+            axis.bar([i + offset for i in range(len(labels))], values, width,
+                     label="with prior preservation" if prior else "without prior")
+        axis.set_xticks(range(len(labels)), [label.replace(" (", "\n(") for label in labels], fontsize=7)
+        axis.set_title(title, fontsize=10)
+        axis.set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def plot_interpolation(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first, second = result["subjects"]
+    alphas = [p["alpha"] for p in result["curve"]]
+    figure, axis = plt.subplots(figsize=(5, 3.4))
+    for name, style in ((first, "o-"), (second, "s-")):
+        axis.plot(alphas, [p[name] for p in result["curve"]], style, label=f"judged {name.replace('_', ' ')}")
+    axis.set_xlabel(f"α  (weights [α, 1−α] for [{first}, {second}])")
+    axis.set_ylabel("rate of samples")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(".bench/quality"))
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "quality.md")
+    args = parser.parse_args()
+    runs = load_runs(args.out)
+    by_kind = {r["kind"]: r for r in runs if r["kind"] in ("base", "interpolation", "editing")}
+    sections = ["# Quality benchmark results (generated by benchmarks/quality/report.py)", "",
+                "Command: `python benchmarks/quality/run.py --out .bench/quality && "
+                "python benchmarks/quality/report.py --out .bench/quality` (analysis: docs/quality.md).", "",
+                "## Single subject (split circle; rates in %, mean over seeds with per-seed values)", ""]
+    groups = table_runs(runs, args.out)
+    sections += single_table(groups, by_kind["base"]) + ["", "## Learning-rate sweep (seed 0, prior)", ""]
+    sections += sweep_table(runs)
+    images = REPO / "docs" / "images"
+    plot_single(groups, images / "quality_single_subject.png")
+    if "interpolation" in by_kind:
+        sections += ["", "## Interpolation", ""] + interpolation_table(by_kind["interpolation"])
+        plot_interpolation(by_kind["interpolation"], images / "quality_interpolation.png")
+    if "editing" in by_kind:
+        sections += ["", "## CoSINE edits", ""] + editing_table(by_kind["editing"])
+    args.results.write_text("\n".join(sections) + "\n")
+    print("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
