@@ -69,6 +69,15 @@ def test_metadata_is_json_in_the_safetensors_header(tmp_path):
     assert len(fingerprint["conv_in"]) == 4
 
 
+def test_base_model_given_as_a_path_is_written_as_text(tmp_path):
+    # A pipeline loaded from a pathlib.Path reports its name_or_path as a Path (CoSINE records it as base_model).
+    _, path, _ = trained_shift(tmp_path)
+    shift = load_shift_file(path)
+    shift.base_model, shift.base_revision = tmp_path / "base", "main"
+    sa.save_shift_file(shift, tmp_path / "copy.safetensors")
+    assert load_shift_file(tmp_path / "copy.safetensors").base_model == str(tmp_path / "base")
+
+
 def test_float16_storage_error_is_bounded(tmp_path):
     unet, path32, _ = trained_shift(tmp_path)
     path16 = tmp_path / "half.safetensors"

@@ -96,16 +96,18 @@ def interpolation_table(result: dict) -> list[str]:
 
 
 def editing_table(result: dict) -> list[str]:
-    lines = ["| source (judged) | target prompt | judged edit (shape, colour, bg) | obeys target | keeps shape |",
-             "|---|---|---|---|---|"]
+    lines = ["| source | target prompt | noise | judged edit (shape, colour, bg) | obeys target | keeps shape |",
+             "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         judged = row["judged"]
-        source = row["source_judged"]
-        lines.append(f"| {row['source']} ({source['color']} {source['shape']} on {source['background']}) | "
-                     f"{row['target']} | {judged['shape']}, {judged['color']}, {judged['background']} | "
+        lines.append(f"| {row['source']} | {row['target']} | {row.get('variant', 'inversion')} | "
+                     f"{judged['shape']}, {judged['color']}, {judged['background']} | "
                      f"{'yes' if row['obeys_target'] else 'no'} | {'yes' if row['keeps_shape'] else 'no'} |")
-    rate = mean(r["obeys_target"] and r["keeps_shape"] for r in result["rows"])
-    lines.append(f"\nEdits that obey the target and keep the shape: {pct(rate)} % of {len(result['rows'])}.")
+    variants = sorted({row.get("variant", "inversion") for row in result["rows"]})
+    for variant in variants:
+        rows = [r for r in result["rows"] if r.get("variant", "inversion") == variant]
+        rate = mean(r["obeys_target"] and r["keeps_shape"] for r in rows)
+        lines.append(f"\n{variant}: edits that obey the target and keep the shape: {pct(rate)} % of {len(rows)}.")
     return lines
 
 
@@ -136,6 +138,55 @@ def plot_single(groups: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def editing_montage(out: Path, path: Path) -> None:
+    """One row per edited image: its side-by-side strip with inversion, then the one with inversion + slerp."""
+    from PIL import Image
+
+    rows = []
+    for folder in sorted(p for p in (out / "edits").iterdir() if p.is_dir()):
+        strips = [Image.open(folder / "side_by_side.png")]
+        strips += [Image.open(sub / "side_by_side.png") for sub in sorted(folder.iterdir())
+                   if (sub / "side_by_side.png").is_file()]
+        row = Image.new("RGB", (sum(s.width for s in strips) + 8 * (len(strips) - 1), strips[0].height), "white")
+        x = 0
+        for strip in strips:
+            row.paste(strip, (x, 0))
+            x += strip.width + 8
+        rows.append(row)
+    montage = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows)), "white")
+    for index, row in enumerate(rows):
+        montage.paste(row, (0, index * (row.height + 4)))
+    montage.resize((montage.width * 2, montage.height * 2), Image.NEAREST).save(path)
+
+
+def plot_tradeoff(groups: dict, path: Path) -> None:
+    """Subject fidelity against what the model keeps of ordinary prompts, one point per method and prior setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.6))
+    markers = dict(zip(METHOD_ORDER, "o^sDvP"))
+    for label in METHOD_ORDER:
+        for prior in (True, False):
+            group = groups.get((label, prior))
+            if not group:
+                continue
+            axis.scatter(mean(r["ordinary_prompts_correct"] for r in group),
+                         mean(r["subject_and_background_mean"] for r in group), marker=markers[label], s=60,
+                         facecolors=f"C{METHOD_ORDER.index(label)}" if prior else "none",
+                         edgecolors=f"C{METHOD_ORDER.index(label)}",
+                         label=f"{label}, {'prior' if prior else 'no prior'}")
+    axis.set_xlabel("ordinary prompts still drawn right (base model: 1.0)")
+    axis.set_ylabel("subject + requested background (5 backgrounds)")
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=6.5, loc="upper left", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def plot_interpolation(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -145,8 +196,11 @@ def plot_interpolation(result: dict, path: Path) -> None:
     first, second = result["subjects"]
     alphas = [p["alpha"] for p in result["curve"]]
     figure, axis = plt.subplots(figsize=(5, 3.4))
-    for name, style in ((first, "o-"), (second, "s-")):
-        axis.plot(alphas, [p[name] for p in result["curve"]], style, label=f"judged {name.replace('_', ' ')}")
+    for index, (name, style) in enumerate(((first, "o-"), (second, "s-"))):
+        axis.plot(alphas, [p[name] for p in result["curve"]], style, color=f"C{index}",
+                  label=f"judged {name.replace('_', ' ')}")
+        axis.plot(alphas, [p[f"{name}_pattern"] for p in result["curve"]], style[0] + "--", color=f"C{index}",
+                  alpha=0.6, label=f"its pattern only ({name.split('_')[0]})")
     axis.set_xlabel(f"α  (weights [α, 1−α] for [{first}, {second}])")
     axis.set_ylabel("rate of samples")
     axis.set_ylim(0, 1)
@@ -171,11 +225,13 @@ def main() -> None:
     sections += sweep_table(runs)
     images = REPO / "docs" / "images"
     plot_single(groups, images / "quality_single_subject.png")
+    plot_tradeoff(groups, images / "quality_tradeoff.png")
     if "interpolation" in by_kind:
         sections += ["", "## Interpolation", ""] + interpolation_table(by_kind["interpolation"])
         plot_interpolation(by_kind["interpolation"], images / "quality_interpolation.png")
     if "editing" in by_kind:
         sections += ["", "## CoSINE edits", ""] + editing_table(by_kind["editing"])
+        editing_montage(args.out, images / "quality_editing.png")
     args.results.write_text("\n".join(sections) + "\n")
     print("\n".join(sections))
 

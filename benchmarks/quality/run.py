@@ -223,6 +223,9 @@ EDITS = (  # (source spec, target prompts): a background change and a colour cha
 )
 
 
+EDIT_VARIANTS = (("inversion", None), ("inversion + slerp 0.5", 0.5))
+
+
 def run_editing(out: Path, judge) -> None:
     path = out / "runs" / "editing.json"
     if path.exists():
@@ -233,21 +236,27 @@ def run_editing(out: Path, judge) -> None:
     from svdiff_adapter.toyworld.world import Spec, render_specs
 
     rows = []
+    sampling = {"guidance_scale": tw.recommended_sampling()["guidance_scale"], "num_inference_steps": 25, "seed": 0,
+                "svd_cache": False, "progress": False}
     for (shape, color, background), targets in tqdm(EDITS, desc="editing"):
         source = Image.fromarray(render_specs([Spec(shape=shape, color=color, background=background)], seed=0).images[0])
         pipe = tw.load_toyworld_pipeline()
-        result = edit_image(pipe, source, f"a {color} {shape} on a {background} background", list(targets),
-                            learning_rate=2e-2, guidance_scale=tw.recommended_sampling()["guidance_scale"],
-                            num_inference_steps=25, seed=0, output_dir=out / "edits" / f"{color}-{shape}",
-                            svd_cache=False, progress=False)
-        judged = tw.judge_images([result.source, *result.images], judge=judge)
-        for k, target in enumerate(targets, start=1):
-            words = target.split()
-            rows.append({"source": f"{color} {shape} on {background}", "target": target,
-                         "judged": {head: judged[head][k] for head in ("shape", "color", "background")},
-                         "source_judged": {head: judged[head][0] for head in ("shape", "color", "background")},
-                         "obeys_target": judged["color"][k] == words[1] and judged["background"][k] == words[-2],
-                         "keeps_shape": judged["shape"][k] == shape})
+        folder = out / "edits" / f"{color}-{shape}"
+        tuned = edit_image(pipe, source, f"a {color} {shape} on a {background} background", list(targets),
+                           learning_rate=2e-2, output_dir=folder, **sampling)
+        # The paper's remedy for larger changes: slerp the inverted latent towards fresh noise (same shift reused).
+        results = {variant: edit_image(pipe, source, None, list(targets), shift=tuned.shift, slerp_alpha=alpha,
+                                       output_dir=folder / variant, **sampling) if alpha else tuned
+                   for variant, alpha in EDIT_VARIANTS}
+        for variant, result in results.items():
+            judged = tw.judge_images([result.source, *result.images], judge=judge)
+            for k, target in enumerate(targets, start=1):
+                words = target.split()
+                rows.append({"source": f"{color} {shape} on {background}", "target": target, "variant": variant,
+                             "judged": {head: judged[head][k] for head in ("shape", "color", "background")},
+                             "source_judged": {head: judged[head][0] for head in ("shape", "color", "background")},
+                             "obeys_target": judged["color"][k] == words[1] and judged["background"][k] == words[-2],
+                             "keeps_shape": judged["shape"][k] == shape})
     write_json(path, {"kind": "editing", "rows": rows})
 
 

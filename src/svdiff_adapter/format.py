@@ -93,10 +93,11 @@ def save_shift_file(
         "config": json.dumps(shift_file.configs, sort_keys=True),
         "fingerprint": json.dumps(shift_file.fingerprints, sort_keys=True),
     }
+    # str(): a pipeline loaded from a `Path` reports its name_or_path as a Path; safetensors metadata is text only.
     if shift_file.base_model:
-        metadata["base_model"] = shift_file.base_model
+        metadata["base_model"] = str(shift_file.base_model)
     if shift_file.base_revision:
-        metadata["base_revision"] = shift_file.base_revision
+        metadata["base_revision"] = str(shift_file.base_revision)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, path, metadata)
