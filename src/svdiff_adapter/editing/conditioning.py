@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..training.loss import sdxl_time_ids
+
 
 def is_sdxl(pipe) -> bool:
     """Whether the pipeline's UNet expects SDXL's added conditioning (pooled text embeddings and time ids)."""
@@ -57,15 +59,14 @@ def encode_prompts(pipe, prompts: Sequence[str], *, guided: bool, height: int, w
         return PromptConditioning(embeds, negative if guided else None)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided)
-    time_ids = [height, width, 0, 0, height, width]
+    time_ids = sdxl_time_ids(height, width, len(prompts), device).to(embeds.dtype)
     # The same check as diffusers' SDXL pipeline: a refiner (aesthetic-score ids) or a broken config fails clearly.
     # The size comes from the config: an adapter may wrap the embedding's layers.
     expected = pipe.unet.config.projection_class_embeddings_input_dim
-    given = pipe.unet.config.addition_time_embed_dim * len(time_ids) + pooled.shape[-1]
+    given = pipe.unet.config.addition_time_embed_dim * time_ids.shape[-1] + pooled.shape[-1]
     if expected != given:
         raise ValueError(f"The UNet expects added conditioning of size {expected}, but SDXL's time ids and pooled "
                          f"text embeddings make {given}; only SDXL base-style pipelines are supported.")
-    time_ids = torch.tensor([time_ids] * len(prompts), dtype=embeds.dtype, device=device)
     if not guided:
         return PromptConditioning(embeds, pooled=pooled, time_ids=time_ids)
     return PromptConditioning(embeds, negative, pooled, negative_pooled, time_ids)

@@ -76,13 +76,16 @@ def check_base_model(path: str) -> bool:
 def load_components(args: argparse.Namespace):
     """(unet, frozen): the UNet and the parts that feed it (`Frozen`; SDXL's second tokenizer and text encoder
     when the pipeline has them), all with gradients off."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from .loss import Frozen
 
     path = args.pretrained_model_name_or_path
-    sdxl = check_base_model(path) or _hub_model_is_sdxl(path, args.revision)
+    if Path(path).is_dir():
+        sdxl = check_base_model(path)
+    else:  # a Hub id: its model_index.json, through the Hub cache
+        sdxl = "text_encoder_2" in DiffusionPipeline.load_config(path, revision=args.revision)
     common = {"revision": args.revision}
     weights = {"variant": args.variant, **common}
     frozen = Frozen(
@@ -99,15 +102,6 @@ def load_components(args: argparse.Namespace):
         if model is not None:
             model.requires_grad_(False)
     return unet, frozen
-
-
-def _hub_model_is_sdxl(repo_id: str, revision: Optional[str]) -> bool:
-    """Whether a Hub pipeline's model_index.json lists a second text encoder (read through the Hub cache)."""
-    if Path(repo_id).exists():
-        return False
-    from diffusers import DiffusionPipeline
-
-    return "text_encoder_2" in DiffusionPipeline.load_config(repo_id, revision=revision)
 
 
 def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype = torch.float32, **components):
