@@ -4,13 +4,17 @@ Measures `pipe.load_spectral_shift` (cold SVD and warm SVD cache) vs `pipe.load_
 text-encoder modules); the `set_adapters` switch (including rebuilding the effective weights, which a shift needs and
 a LoRA does not), also with `enable_spectral_switch_cache()` and the memory that costs; fuse / unfuse; the unfused
 UNet forward vs the base and vs the LoRA; and the time to a first image (load + 25 guided DDIM steps) vs the same with
-the LoRA.
+the LoRA, also with bfloat16 weight builds (`set_spectral_shift_build_dtype`).
 
-To fit a 2-core CPU: images are 256×256 (32×32 latents) and the pipeline stops at the latents (`output_type="latent"`,
-no VAE decode; the VAE is a tiny stand-in). Both leave the comparison stricter, not looser: the shared work is smaller.
+To fit a 2-core CPU: images are 256×256 (32×32 latents) by default and the pipeline stops at the latents
+(`output_type="latent"`, no VAE decode; the VAE is a tiny stand-in). Both leave the comparison stricter, not looser:
+the shared work is smaller. `--resolution 512 --first-image-only` measures only the time to first image at SD1.5's
+native size.
 
     .venv/bin/python benchmarks/make_sd15_random.py .bench/sd15-random 0
     .venv/bin/python benchmarks/pipeline.py --models .bench/sd15-random
+    .venv/bin/python benchmarks/pipeline.py --models .bench/sd15-random --resolution 512 --first-image-only \
+        --out benchmarks/results/pipeline-512
 
 Writes benchmarks/results/pipeline.json and benchmarks/results/pipeline.md.
 """
@@ -93,13 +97,34 @@ def unet_forward(pipe, repeats):
     return median_time(run, repeats)
 
 
-def first_image(pipe, load):
+def first_image(pipe, load, resolution):
     def run():
         load()
-        pipe(PROMPT, num_inference_steps=25, guidance_scale=7.5, height=256, width=256, output_type="latent",
-             generator=torch.Generator().manual_seed(0))
+        pipe(PROMPT, num_inference_steps=25, guidance_scale=7.5, height=resolution, width=resolution,
+             output_type="latent", generator=torch.Generator().manual_seed(0))
 
     return timed(run)[0]
+
+
+def first_image_rows(pipe, paths, cold, work, resolution) -> dict:
+    """Load + 25 guided steps: a rank-4 LoRA; a shift with a warm SVD cache, float32 and bfloat16 builds; cold."""
+    row = {"first_image_lora_s": first_image(
+        pipe, lambda: pipe.load_lora_weights(str(paths["lora"]), adapter_name="first"), resolution)}
+    pipe.unload_lora_weights()
+    row["first_image_shift_cached_s"] = first_image(
+        pipe, lambda: pipe.load_spectral_shift(paths["a"], "first", svd_cache=cold), resolution)
+    pipe.unload_spectral_shift()
+
+    def load_bfloat16_build():
+        pipe.load_spectral_shift(paths["a"], "first", svd_cache=cold)
+        pipe.set_spectral_shift_build_dtype(torch.bfloat16)
+
+    row["first_image_shift_cached_bf16_s"] = first_image(pipe, load_bfloat16_build, resolution)
+    pipe.unload_spectral_shift()
+    fresh = SVDCache(work / f"fresh-cache-{resolution}")
+    row["first_image_shift_cold_s"] = first_image(
+        pipe, lambda: pipe.load_spectral_shift(paths["a"], "first", svd_cache=fresh), resolution)
+    return row
 
 
 def main():
@@ -108,6 +133,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--resolution", type=int, default=256, help="image side for the time to first image")
+    parser.add_argument("--first-image-only", action="store_true", help="measure only the time to first image")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     row = {
@@ -122,6 +149,13 @@ def main():
         paths = make_files(pipe, work, files_cache)
         row["shift_file_bytes"] = paths["a"].stat().st_size
         row["lora_file_bytes"] = paths["lora"].stat().st_size
+        row["resolution"] = args.resolution
+        if args.first_image_only:
+            cold = SVDCache(work / "cold-cache")
+            pipe.load_spectral_shift(paths["a"], "warm-up", svd_cache=cold)  # fills the warm cache
+            pipe.unload_spectral_shift()
+            row.update(first_image_rows(pipe, paths, cold, work, args.resolution))
+            return write_results(args.out, row)
 
         row["forward_base_s"] = unet_forward(pipe, args.repeats)
         cold = SVDCache(work / "cold-cache")
@@ -164,25 +198,35 @@ def main():
         )
         pipe.unload_lora_weights()
 
-        row["first_image_lora_s"] = first_image(
-            pipe, lambda: pipe.load_lora_weights(str(paths["lora"]), adapter_name="first"))
-        pipe.unload_lora_weights()
-        row["first_image_shift_cached_s"] = first_image(
-            pipe, lambda: pipe.load_spectral_shift(paths["a"], "first", svd_cache=cold))
-        pipe.unload_spectral_shift()
-        fresh = SVDCache(work / "fresh-cache")
-        row["first_image_shift_cold_s"] = first_image(
-            pipe, lambda: pipe.load_spectral_shift(paths["a"], "first", svd_cache=fresh))
+        row.update(first_image_rows(pipe, paths, cold, work, args.resolution))
         row["inference_weight_bytes"] = sum(
             layer.spectral_weight.numel() * layer.spectral_weight.element_size()
             for model in (pipe.unet, pipe.text_encoder) for _, layer in spectral_layers(model)
             if layer.spectral_weight is not None
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline.json").write_text(json.dumps(row, indent=2))
+    write_results(args.out, row)
+
+
+def write_results(out: Path, row: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(row, indent=2))
     table = markdown(row)
-    (args.out / "pipeline.md").write_text(table)
+    (out / "pipeline.md").write_text(table)
     print(table)
+
+
+def first_image_lines(row, r):
+    side = row.get("resolution", 256)
+    return [
+        f"| time to first image ({side}×{side}), warm SVD cache (load + 25 guided steps) | "
+        f"{row['first_image_shift_cached_s']:.1f} s | {row['first_image_lora_s']:.1f} s | "
+        f"{r('first_image_shift_cached_s', 'first_image_lora_s')} | ≤ 1.10 |",
+        f"| — the same with bfloat16 weight builds (`set_spectral_shift_build_dtype`) | "
+        f"{row['first_image_shift_cached_bf16_s']:.1f} s | {row['first_image_lora_s']:.1f} s | "
+        f"{r('first_image_shift_cached_bf16_s', 'first_image_lora_s')} | ≤ 1.10 |",
+        f"| time to first image ({side}×{side}), cold SVD cache | {row['first_image_shift_cold_s']:.1f} s | "
+        f"{row['first_image_lora_s']:.1f} s | {r('first_image_shift_cold_s', 'first_image_lora_s')} | ≤ 1.35 |",
+    ]
 
 
 def markdown(row):
@@ -192,6 +236,10 @@ def markdown(row):
         "",
         "| measure | spectral shift | LoRA rank 4 / base | ratio | target |",
         "|---|---|---|---|---|",
+    ]
+    if "load_shift_cold_s" not in row:  # --first-image-only
+        return "\n".join(lines + first_image_lines(row, r)) + "\n"
+    lines += [
         f"| load, cold SVD cache | {row['load_shift_cold_s']:.2f} s | {row['load_lora_s']:.2f} s | "
         f"{r('load_shift_cold_s', 'load_lora_s')} | |",
         f"| load, warm SVD cache | {row['load_shift_cached_s']:.2f} s | {row['load_lora_s']:.2f} s | "
@@ -210,10 +258,7 @@ def markdown(row):
         f"{r('forward_shift_s', 'forward_base_s')} | ≤ 1.05 |",
         f"| unfused UNet forward vs LoRA unfused | {row['forward_shift_s']:.2f} s | {row['forward_lora_s']:.2f} s | "
         f"{r('forward_shift_s', 'forward_lora_s')} | |",
-        f"| time to first image, warm SVD cache (load + 25 guided steps) | {row['first_image_shift_cached_s']:.1f} s | "
-        f"{row['first_image_lora_s']:.1f} s | {r('first_image_shift_cached_s', 'first_image_lora_s')} | ≤ 1.10 |",
-        f"| time to first image, cold SVD cache | {row['first_image_shift_cold_s']:.1f} s | "
-        f"{row['first_image_lora_s']:.1f} s | {r('first_image_shift_cold_s', 'first_image_lora_s')} | ≤ 1.35 |",
+        *first_image_lines(row, r),
         f"| file size (UNet + text encoder) | {row['shift_file_bytes'] / 2**20:.2f} MiB | "
         f"{row['lora_file_bytes'] / 2**20:.2f} MiB | {r('shift_file_bytes', 'lora_file_bytes')} | |",
         f"| memory of the inference weights (one copy of each shifted weight) | "

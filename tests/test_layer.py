@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from torch import nn
 
-from svdiff_adapter import SpectralShiftConfig, SpectralShiftLayer, add_spectral_shift, unload_spectral_shift
+from svdiff_adapter import (
+    SpectralShiftConfig,
+    SpectralShiftLayer,
+    add_spectral_shift,
+    set_spectral_build_dtype,
+    unload_spectral_shift,
+)
 from svdiff_adapter.tuner import spectral_layers
 from svdiff_adapter.tuner.layer import find_spectral_layer
 
@@ -475,3 +481,55 @@ def test_layers_expose_the_wrapped_modules_shape_attributes():
             assert getattr(layer, attribute) == getattr(raw[name], attribute), (name, attribute)
             checked += 1
     assert checked >= 10
+
+
+def test_bfloat16_build_rounds_only_the_change_and_keeps_the_exact_paths():
+    model = Mixed()
+    x = mixed_inputs()
+    with torch.no_grad():
+        base = model(x)
+    snapshot = state_snapshot(model)
+    add_spectral_shift(model, SpectralShiftConfig(target_modules=["proj", "conv3"]), "a", svd_cache=False)
+    assert set_spectral_build_dtype(model, torch.bfloat16) == 2
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # δ = 0: ΔW is exactly zero in any precision
+    for index, (_, layer) in enumerate(spectral_layers(model)):
+        shift = random_shift(layer, seed=index)
+        set_shift(layer, "a", shift)
+        weight = layer.base_layer.weight
+        change = reference_weight(weight, shift) - weight.double()
+        with torch.no_grad():  # inference builds (training recomposes in float32)
+            built = layer.effective_weight().clone()
+        assert layer.spectral_weight.dtype == torch.float32
+        # bfloat16 products: error ~2⁻⁸ of ΔW (float32 builds: ~2⁻¹¹, the float16 factors)
+        error = (built.double() - weight.double() - change).abs().max()
+        assert 1e-4 * change.abs().max() < error < 2e-2 * change.abs().max()
+        layer.set_build_dtype(torch.float32)
+        with torch.no_grad():
+            float32_error = (layer.effective_weight().double() - weight.double() - change).abs().max()
+        assert float32_error < error / 4
+        layer.set_build_dtype(torch.bfloat16)
+        original = weight.detach().clone()
+        layer.merge()
+        assert torch.equal(layer.base_layer.weight, built)
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, original)
+    with pytest.raises(ValueError, match="build dtype"):
+        set_spectral_build_dtype(model, torch.int8)
+    unload_spectral_shift(model)
+    assert_unchanged(model, snapshot)
+
+
+def test_bfloat16_build_with_the_switch_cache_matches_the_direct_build():
+    model, layer, dog, cat = _two_adapters()
+    layer.set_build_dtype(torch.bfloat16)
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    layer.set_scale("dog", 0.3)
+    layer.set_scale("cat", 0.7)
+    with torch.no_grad():
+        direct = layer.effective_weight().clone()
+        layer.enable_switch_cache(True)
+        layer.reset_spectral_cache()
+        switched = layer.effective_weight()
+    change = (direct - layer.base_layer.weight).abs().max()
+    assert (switched - direct).abs().max() < 2e-2 * change

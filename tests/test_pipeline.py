@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import svdiff_adapter as sa
 from svdiff_adapter import SpectralShiftFormatError
 from svdiff_adapter.loaders.hub import SpectralShiftNotFoundError
+from svdiff_adapter.tuner.layer import find_spectral_layer
 
 from .tiny_models import assert_unchanged, state_snapshot, tiny_pipeline, unet_inputs
 
@@ -527,3 +528,23 @@ def test_model_cpu_offload_stays_on_through_load_and_unload(prototype, shifts):
     offloaded.unload_spectral_shift()
     assert offloaded.unet._hf_hook is not None
     torch.testing.assert_close(image(offloaded), base_image, rtol=0, atol=0)
+
+
+def test_bfloat16_weight_builds_through_the_pipeline(pipe, shifts):
+    def image():
+        return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    height=32, width=32).images
+
+    pipe.load_spectral_shift(shifts["A"]["file"], "A")
+    exact = image()
+    pipe.set_spectral_shift_build_dtype(torch.bfloat16)
+    layer = find_spectral_layer(pipe.unet.get_submodule(UNET_MODULES[0]))
+    assert layer.spectral_build_dtype == torch.bfloat16
+    assert find_spectral_layer(pipe.text_encoder.get_submodule(TEXT_MODULES[0])).spectral_build_dtype == torch.bfloat16
+    rounded = image()
+    assert not torch.equal(rounded, exact)
+    torch.testing.assert_close(rounded, exact, rtol=0, atol=2e-2)
+    pipe.set_spectral_shift_build_dtype(torch.float32, components=["unet"])
+    assert layer.spectral_build_dtype == torch.float32
+    pipe.set_spectral_shift_build_dtype(torch.float32)
+    torch.testing.assert_close(image(), exact, rtol=0, atol=0)

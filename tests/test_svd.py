@@ -96,3 +96,22 @@ def test_cache_switches(tmp_path, monkeypatch):
     assert resolve_cache(None).directory == tmp_path / "here"
     assert resolve_cache(False) is None
     assert resolve_cache(str(tmp_path)).directory == tmp_path
+
+
+def test_parallel_decompositions_match_one_by_one_and_restore_the_thread_count():
+    generator = torch.Generator().manual_seed(3)
+    matrices = {f"m{i}": torch.randn(600 + 40 * i, 520, generator=generator) for i in range(5)}
+    matrices["wide"] = torch.randn(300, 900, generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = compute_factors(matrices, cache=False, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert list(together) == list(matrices)
+    for name, matrix in matrices.items():
+        exact = torch.linalg.svdvals(matrix.double())
+        assert torch.allclose(together[name].S.double(), exact, rtol=1e-5)
+        rebuilt = (together[name].U.float() * together[name].S) @ together[name].Vh.float()
+        assert (rebuilt - matrix).abs().max() < 2e-3 * matrix.abs().max()

@@ -51,6 +51,36 @@ def test_image_depends_only_on_seed_and_index():
     assert np.array_equal(small.images, big.images[:4])
 
 
+def test_pair_scenes_are_two_single_object_images_on_one_background():
+    pairs = W.sample_pair_specs(40, seed=5, pattern_fraction=0.5)
+    assert all(p.left.background == p.right.background for p in pairs)
+    assert not any(p.left.pattern != "plain" and p.right.pattern != "plain" for p in pairs)
+    assert {p.left.pattern != "plain" for p in pairs} == {True, False}  # patterned objects appear on both sides
+    assert {p.right.pattern != "plain" for p in pairs} == {True, False}
+    batch = W.render_pairs(pairs, seed=9)
+    assert batch.images.shape == (40, 64, 128, 3)
+    assert np.array_equal(batch.images, W.render_pairs(pairs, seed=9).images)
+    assert np.array_equal(W.render_pairs(pairs[:3], seed=9).images, batch.images[:3])
+    # Each half is a single-object image of its spec, and the halves share one background colour.
+    assert np.array_equal(batch.images[:, :, 0], batch.images[:, :, 127])  # outer columns: background only
+    for side in ("left", "right"):
+        for key in HEADS:
+            assert batch.labels[f"{side}_{key}"].tolist() == [getattr(p, side).labels()[key] for p in pairs]
+    tokenizer = load_tokenizer()
+    for pair, prompt in zip(pairs, batch.prompts):
+        assert prompt.startswith(W.prompt_for(pair.left, drop_background=True) + " and ")
+        assert prompt.endswith(f" and {W.prompt_for(pair.right, drop_background=True)} on a {pair.background} background")
+        assert len(tokenizer(prompt).input_ids) <= MODEL_MAX_LENGTH  # never truncated
+    with pytest.raises(ValueError, match="share one background"):
+        W.PairSpec(W.Spec("star", "red", "white"), W.Spec("ring", "blue", "black"))
+
+
+def test_pair_prompt_with_identifiers():
+    split_circle, dotted_square = tw.get_subject("split_circle"), tw.get_subject("dotted_square")
+    scene = W.PairSpec(split_circle.spec("blue"), dotted_square.spec("blue"))
+    assert W.pair_prompt(scene, ("sks", "zwx")) == "a sks circle and a zwx square on a blue background"
+
+
 def test_tensors_range_and_layout():
     x, y = W.make_batch(4, seed=0).tensors()
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32

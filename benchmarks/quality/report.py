@@ -111,6 +111,32 @@ def editing_table(result: dict) -> list[str]:
     return lines
 
 
+def multi_table(runs: list[dict]) -> list[str]:
+    base = next((r for r in runs if r["kind"] == "multi-base"), None)
+    lines = ["| condition | both subjects right, in the asked order | first-named right (left) | second-named right "
+             "(right) | mixed (an object shows the other's pattern or a colour) | both right and unmixed | split "
+             "circle alone | dotted square alone |", "|" + "---|" * 8]
+    if base:
+        lines.append(f"| pair base model (no shift) | {pct(base['pair_both'])} | {pct(base['pair_left'])} | "
+                     f"{pct(base['pair_right'])} | {pct(base['pair_mixed'])} | {pct(base['pair_both_unmixed'])} | – | – |")
+    conditions: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        if run["kind"] == "multi":
+            conditions[run["condition"]].append(run)
+    for condition, group in conditions.items():
+        group.sort(key=lambda r: r["seed"])
+        cells = [spread([r[key] for r in group]) for key in ("pair_both", "pair_left", "pair_right", "pair_mixed",
+                                                             "pair_both_unmixed", "split_circle_alone",
+                                                             "dotted_square_alone")]
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    if base:
+        model = base["pair_model"]
+        lines.append(f"\nPair base model (examples/toyworld/train_pair_model.py), fresh prompts judged fully right: "
+                     f"two plain objects {pct(model['pairs'])} %, one patterned {pct(model['pairs_one_patterned'])} %, "
+                     f"single objects {pct(model['single'])} %.")
+    return lines
+
+
 def plot_single(groups: dict, path: Path) -> None:
     import matplotlib
 
@@ -232,6 +258,9 @@ def main() -> None:
     if "editing" in by_kind:
         sections += ["", "## CoSINE edits", ""] + editing_table(by_kind["editing"])
         editing_montage(args.out, images / "quality_editing.png")
+    if any(r["kind"] == "multi" for r in runs):
+        sections += ["", "## Two subjects (split circle = sks, dotted square = zwx; rates in %)", ""]
+        sections += multi_table(runs)
     args.results.write_text("\n".join(sections) + "\n")
     print("\n".join(sections))
 

@@ -1,5 +1,6 @@
 """Quality benchmark on the toy world (docs/quality.md): spectral shifts vs LoRA vs full fine-tuning, interpolation
-between two shifts, CoSINE edits — all scored by the toy world's judge.
+between two shifts, CoSINE edits, two subjects with and without Cut-Mix-Unmix (multi.py) — all scored by the toy
+world's judge.
 
     python benchmarks/quality/run.py --out .bench/quality                # every phase, resumable
     python benchmarks/quality/run.py --out .bench/quality --phase sweep  # one phase
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import multi  # noqa: E402
 from methods import MethodSpec, prepare, save  # noqa: E402
 
 from diffusers import DDPMScheduler  # noqa: E402
@@ -33,6 +35,7 @@ from svdiff_adapter import toyworld as tw  # noqa: E402
 from svdiff_adapter.toyworld.evaluate import evaluate_prompts  # noqa: E402
 from svdiff_adapter.toyworld.personalize import leakage, subject_scores, write_subject_images  # noqa: E402
 from svdiff_adapter.toyworld.world import Subject  # noqa: E402
+from svdiff_adapter.training.attention import CrossAttentionStore, install_attention_recorders  # noqa: E402
 from svdiff_adapter.training.data import DreamBoothData  # noqa: E402
 from svdiff_adapter.training.images import ImageTransform, load_images  # noqa: E402
 from svdiff_adapter.training.loss import Frozen, training_loss  # noqa: E402
@@ -75,29 +78,43 @@ def training_data(out: Path, subject: Subject, seed: int, with_prior: bool) -> D
                           class_images=class_images or None)
 
 
-def train(pipe, spec: MethodSpec, data: DreamBoothData, seed: int, steps: int = STEPS) -> dict:
+def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_weight: float = 0.0) -> dict:
+    """Train `spec` on batches `data.sample(BATCH, generator)`; `unmix_weight` > 0 adds the unmix regularisation
+    on the batches' Cut-Mix samples."""
     prepared = prepare(spec, pipe)
     frozen = Frozen(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                     noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    store = None
+    if unmix_weight > 0:
+        store = CrossAttentionStore()
+        install_attention_recorders(pipe.unet, store)
     pipe.unet.train()
     pipe.text_encoder.train(spec.train_text_encoder)
-    started, losses = time.time(), []
+    started, losses, unmix_losses = time.time(), [], []
     for step in tqdm(range(steps), desc=spec.slug, leave=False):
         # Batches, noise and timesteps depend on (seed, step) only: every method sees the same ones.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         loss, parts = training_loss(pipe.unet, frozen, data.sample(BATCH, generator), generator,
-                                    train_text_encoder=spec.train_text_encoder)
+                                    train_text_encoder=spec.train_text_encoder, unmix_weight=unmix_weight,
+                                    store=store)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prepared.parameters, 1.0)
         prepared.optimizer.step()
         prepared.optimizer.zero_grad(set_to_none=True)
         losses.append(parts["loss"])
+        if "unmix_loss" in parts:
+            unmix_losses.append(parts["unmix_loss"])
     pipe.unet.eval()
     pipe.text_encoder.eval()
     for parameter in prepared.parameters:
         parameter.requires_grad_(False)
-    return {"train_seconds": round(time.time() - started, 1), "trainable_parameters": prepared.trainable_parameters,
-            "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    result = {"train_seconds": round(time.time() - started, 1), "trainable_parameters": prepared.trainable_parameters,
+              "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    if unmix_losses:  # the unmix term over the Cut-Mix steps: first and last tenth
+        tenth = max(1, len(unmix_losses) // 10)
+        result["unmix_loss_start"] = sum(unmix_losses[:tenth]) / tenth
+        result["unmix_loss_end"] = sum(unmix_losses[-tenth:]) / tenth
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -265,13 +282,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".bench/quality"))
     parser.add_argument("--phase", default="all", choices=["all", "base", "sweep", "single", "interpolation",
-                                                            "editing"])
+                                                            "editing", "multi"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per run (smoke tests: a few)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     judge = tw.load_judge()
-    phases = ["base", "sweep", "single", "interpolation", "editing"] if args.phase == "all" else [args.phase]
+    phases = (["base", "sweep", "single", "interpolation", "editing", "multi"] if args.phase == "all"
+              else [args.phase])
     if "base" in phases:
         run_base(args.out, judge)
     if "sweep" in phases:
@@ -286,6 +304,12 @@ def main() -> None:
         run_interpolation(args.out, judge, args.steps)
     if "editing" in phases:
         run_editing(args.out, judge)
+    if "multi" in phases:
+        multi.run_pair_base(args.out, judge, write_json)
+        for seed in SEEDS:
+            for condition in multi.CONDITIONS:
+                multi.run_multi(args.out, judge, condition, seed, args.steps, train, write_json, SPECTRAL_LR,
+                                TRAIN_BACKGROUNDS, NUM_IMAGES, NUM_CLASS_IMAGES)
 
 
 if __name__ == "__main__":

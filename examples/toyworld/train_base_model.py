@@ -371,6 +371,23 @@ def specs_from_labels(tensors: dict) -> list:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def denoising_loss(unet, te, z0: torch.Tensor, ids: torch.Tensor, gen: torch.Generator, sched,
+                   min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon-prediction loss at random timesteps (min-SNR weighted unless ``min_snr_gamma`` is 0); returns the
+    weighted mean and the unweighted per-sample MSE."""
+    acp = sched.alphas_cumprod.float()
+    B = z0.shape[0]
+    t = torch.randint(0, M.NUM_TRAIN_TIMESTEPS, (B,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    zt = acp[t].sqrt().view(B, 1, 1, 1) * z0 + (1 - acp[t]).sqrt().view(B, 1, 1, 1) * noise
+    pred = unet(zt, t, te(ids)[0]).sample
+    per = (pred - noise).pow(2).mean((1, 2, 3))
+    if min_snr_gamma <= 0:
+        return per.mean(), per
+    snr = acp[t] / (1 - acp[t])
+    return (snr.clamp(max=min_snr_gamma) / snr * per).mean(), per
+
+
 def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, log: Logger):
     from tqdm.auto import tqdm
 
@@ -384,9 +401,6 @@ def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, 
     ema_params = list(unet_ema.parameters()) + list(te_ema.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = M.make_train_scheduler()
-    acp = sched.alphas_cumprod.float()
-    sqrt_acp, sqrt_1m = acp.sqrt(), (1 - acp).sqrt()
-    snr = acp / (1 - acp)
 
     ck = ckdir / "unet.safetensors"
     done_path = ckdir / "unet_done.json"
@@ -453,17 +467,7 @@ def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, 
                                                 drop_background=bool(u[j, 2] < args.drop_background)))
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
-            t = torch.randint(0, M.NUM_TRAIN_TIMESTEPS, (B,), generator=gen)
-            noise = torch.randn(z0.shape, generator=gen)
-            zt = sqrt_acp[t].view(B, 1, 1, 1) * z0 + sqrt_1m[t].view(B, 1, 1, 1) * noise
-            h = te(ids)[0]
-            pred = unet(zt, t, h).sample
-            per = (pred - noise).pow(2).mean((1, 2, 3))
-            if args.min_snr_gamma > 0:
-                w = snr[t].clamp(max=args.min_snr_gamma) / snr[t]
-                loss = (w * per).mean()
-            else:
-                loss = per.mean()
+            loss, per = denoising_loss(unet, te, z0, ids, gen, sched, args.min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

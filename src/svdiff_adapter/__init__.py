@@ -19,6 +19,7 @@ from .loaders import (
     load_spectral_shift,
     load_spectral_shift_into_model,
     save_spectral_shift,
+    set_spectral_build_dtype,
     spectral_adapter_names,
     unload_spectral_shift,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "register_spectral_shift",
     "save_shift_file",
     "save_spectral_shift",
+    "set_spectral_build_dtype",
     "spectral_adapter_names",
     "svd_options",
     "svdiff_pytorch_to_v1",

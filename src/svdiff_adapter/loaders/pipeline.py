@@ -46,6 +46,7 @@ from .model import (
     layer_fingerprint,
     load_spectral_shift as load_shift_into_models,
     module_path,
+    set_spectral_build_dtype,
     spectral_adapter_names,
     to_shift_file,
     unload_spectral_shift as unload_shift_from_model,
@@ -572,6 +573,13 @@ class SpectralShiftLoaderMixin:
                 layer.reset_spectral_cache()
                 for name in names:
                     layer._spectral_adapter_deltas.pop(name, None)  # rebuilt where the factors are, when used
+
+    def set_spectral_shift_build_dtype(self, dtype: torch.dtype = torch.float32,
+                                       components: Optional[list[str]] = None) -> None:
+        """Build effective (and fused) weights with products in `dtype` (`torch.bfloat16`: about 2× faster on CPUs
+        with bfloat16 instructions, ΔW rounded to ~2⁻⁸ relative, W exact). See `set_spectral_build_dtype`."""
+        for model in self._models_for(components).values():
+            set_spectral_build_dtype(model, dtype)
 
     def enable_spectral_switch_cache(self, components: Optional[list[str]] = None) -> None:
         """Make `set_adapters` (new weights or a new active set) cheap for spectral shifts, e.g. for interpolation.

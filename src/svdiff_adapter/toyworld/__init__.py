@@ -20,16 +20,21 @@ from .world import (
     BACKGROUNDS,
     COLORS,
     IMAGE_SIZE,
+    PAIR_WIDTH,
     PATTERNS,
     SHAPES,
     SUBJECTS,
     Batch,
+    PairSpec,
     Spec,
     Subject,
     get_subject,
     make_batch,
+    make_pair_batch,
+    pair_prompt,
     plain_combinations,
     prompt_for,
+    render_pairs,
     render_specs,
     sample_specs,
     to_tensor,
@@ -46,9 +51,11 @@ __all__ = [
     "load_judge",
     "generate",
     "judge_images",
+    "judge_pairs",
     "recommended_sampling",
     # world
     "IMAGE_SIZE",
+    "PAIR_WIDTH",
     "SHAPES",
     "COLORS",
     "BACKGROUNDS",
@@ -56,10 +63,14 @@ __all__ = [
     "SUBJECTS",
     "IDENTIFIERS",
     "Batch",
+    "PairSpec",
     "Spec",
     "Subject",
     "get_subject",
     "make_batch",
+    "make_pair_batch",
+    "pair_prompt",
+    "render_pairs",
     "plain_combinations",
     "prompt_for",
     "render_specs",
@@ -130,8 +141,10 @@ def generate(
     guidance_scale: Optional[float] = None,
     num_inference_steps: Optional[int] = None,
     batch_size: int = 50,
+    width: Optional[int] = None,
 ):
-    """Images for ``prompts`` as a float tensor in [-1, 1] of shape ``(n, 3, 64, 64)`` (deterministic per seed)."""
+    """Images for ``prompts`` as a float tensor in [-1, 1] of shape ``(n, 3, 64, width or 64)`` (deterministic per
+    seed); ``width=PAIR_WIDTH`` for two-object scenes."""
     from .evaluate import generate_images
 
     if isinstance(prompts, str):
@@ -144,6 +157,7 @@ def generate(
         num_inference_steps=rec["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
         seed=seed,
         batch_size=batch_size,
+        width=width,
     )
 
 
@@ -163,3 +177,14 @@ def judge_images(images, judge=None, names: bool = True) -> dict[str, list]:
     if not names:
         return {k: v.tolist() for k, v in pred.items()}
     return {k: [HEADS[k][i] for i in v.tolist()] for k, v in pred.items()}
+
+
+def judge_pairs(images, judge=None) -> dict[str, dict[str, list]]:
+    """Judge each half of two-object scenes (float ``(n, 3, 64, 128)`` in [-1, 1] or uint8 ``(n, 64, 128, 3)``):
+    ``{"left": {"shape": [...], ...}, "right": {...}}``."""
+    import numpy as np
+
+    if isinstance(images, np.ndarray):
+        images = to_tensor(images)
+    judge = judge if judge is not None else load_judge()
+    return {"left": judge_images(images[..., :IMAGE_SIZE], judge), "right": judge_images(images[..., IMAGE_SIZE:], judge)}

@@ -10,7 +10,7 @@ import torch
 from . import world as W
 from .judge import HEADS, Judge, predict, score_predictions
 
-__all__ = ["generate_images", "judge_specs", "evaluate_prompts", "format_scores"]
+__all__ = ["generate_images", "judge_specs", "evaluate_prompts", "evaluate_pair_prompts", "format_scores"]
 
 
 @torch.no_grad()
@@ -23,8 +23,9 @@ def generate_images(
     seed: int = 0,
     batch_size: int = 50,
     negative_prompt: Optional[str] = None,
+    width: Optional[int] = None,
 ) -> torch.Tensor:
-    """Images for ``prompts`` as float tensors in [-1, 1], shape ``(n, 3, 64, 64)``.
+    """Images for ``prompts`` as float tensors in [-1, 1], shape ``(n, 3, 64, width or 64)``.
 
     Chunk ``k`` of ``batch_size`` prompts uses a generator seeded with ``seed + k``.
     """
@@ -40,6 +41,8 @@ def generate_images(
             generator=gen,
             output_type="pt",
             negative_prompt=[negative_prompt] * len(chunk) if negative_prompt is not None else None,
+            height=W.IMAGE_SIZE if width else None,  # diffusers ignores a width given alone
+            width=width,
         )
         out.append(res.images.float().cpu() * 2.0 - 1.0)
     return torch.cat(out).clamp(-1, 1)
@@ -90,8 +93,47 @@ def evaluate_prompts(
     return scores
 
 
+def evaluate_pair_prompts(
+    pipe,
+    judge: Judge,
+    n: int = 100,
+    *,
+    seed: int = 2025,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 25,
+    pattern_fraction: float = 0.0,
+    batch_size: int = 50,
+) -> dict:
+    """Sample one 64x128 image for each of ``n`` random two-object prompts ("a red star and a blue ring on a green
+    background") and judge each half: ``left``/``right`` (shape, colour and background right on that half) and
+    ``all`` (both halves right), plus per-head accuracies per side (``left_shape``, ...)."""
+    pairs = W.sample_pair_specs(n, seed, pattern_fraction=pattern_fraction)
+    t0 = time.time()
+    images = generate_images(pipe, [W.pair_prompt(p) for p in pairs], guidance_scale=guidance_scale,
+                             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
+                             width=W.PAIR_WIDTH)
+    sample_s = time.time() - t0
+    scores: dict = {}
+    both = torch.ones(n, dtype=torch.bool)
+    for side, half in (("left", images[..., :W.IMAGE_SIZE]), ("right", images[..., W.IMAGE_SIZE:])):
+        specs = [getattr(p, side) for p in pairs]
+        pred = predict(judge, half)
+        ok = torch.ones(n, dtype=torch.bool)
+        for k in ("shape", "color", "background", "pattern"):
+            right = pred[k] == torch.tensor([s.labels()[k] for s in specs])
+            scores[f"{side}_{k}"] = right.float().mean().item()
+            if k != "pattern":
+                ok &= right
+        scores[side] = ok.float().mean().item()
+        both &= ok
+    scores["all"] = both.float().mean().item()
+    scores.update(n=n, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed,
+                  seconds=round(sample_s, 1))
+    return scores
+
+
 def format_scores(scores: dict) -> str:
-    keys = ("all", "shape", "color", "background", "pattern", "color2", "all_with_pattern")
+    keys = ("all", "shape", "color", "background", "pattern", "color2", "all_with_pattern", "left", "right")
     parts = [f"{k} {100 * scores[k]:.1f}%" for k in keys if k in scores]
     extra = [f"{k}={scores[k]}" for k in ("n", "guidance_scale", "num_inference_steps", "seconds") if k in scores]
     return ", ".join(parts) + " (" + ", ".join(extra) + ")"

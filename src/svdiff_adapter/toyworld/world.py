@@ -99,6 +99,9 @@ TEMPLATE_PATTERN = "a {color} and {color2} {pattern} {shape} on a {background} b
 TEMPLATE_PATTERN_NO_BACKGROUND = "a {color} and {color2} {pattern} {shape}"
 TEMPLATE_IDENTIFIER = "a {identifier} {shape} on a {background} background"
 TEMPLATE_IDENTIFIER_NO_BACKGROUND = "a {identifier} {shape}"
+# Two objects side by side: "a red star and a blue ring on a green background" (the first named is on the left).
+TEMPLATE_PAIR = "{left} and {right} on a {background} background"
+PAIR_WIDTH = 2 * IMAGE_SIZE
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -414,14 +417,16 @@ def _jitter_rgb(rng: np.random.Generator, rgb: tuple[int, int, int], amount: flo
     return np.clip(np.asarray(rgb, dtype=np.float64) + rng.uniform(-amount, amount, 3), 0, 255).round().astype(np.uint8)
 
 
-def render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
-    """Draw one 64x64 RGB uint8 image of ``spec`` with jitter drawn from ``rng``."""
+def render(spec: Spec, rng: np.random.Generator, background_rgb: Optional[np.ndarray] = None) -> np.ndarray:
+    """Draw one 64x64 RGB uint8 image of ``spec`` with jitter drawn from ``rng`` (``background_rgb`` overrides the
+    jittered background colour, for the halves of a two-object scene)."""
     S = _SUPER
     r = rng.uniform(0.24, 0.33) * IMAGE_SIZE * S
     cx = (0.5 + rng.uniform(-0.10, 0.10)) * IMAGE_SIZE * S
     cy = (0.5 + rng.uniform(-0.10, 0.10)) * IMAGE_SIZE * S
     angle = math.radians(rng.uniform(-15.0, 15.0))
     bg = _jitter_rgb(rng, BACKGROUND_RGB[spec.background], 8)
+    bg = bg if background_rgb is None else background_rgb
     c1 = _jitter_rgb(rng, COLOR_RGB[spec.color], 14)
     c2 = _jitter_rgb(rng, COLOR_RGB[spec.color2], 14) if spec.color2 else c1
     phase = rng.uniform(0.0, 1.0)
@@ -441,7 +446,8 @@ def render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class Batch:
-    """Images (uint8 numpy ``(n, 64, 64, 3)``), labels (dict of int64 numpy arrays), prompts and specs."""
+    """Images (uint8 numpy ``(n, 64, 64, 3)``, ``(n, 64, 128, 3)`` for pairs), labels (dict of int64 numpy arrays),
+    prompts and specs."""
 
     images: np.ndarray
     labels: dict[str, np.ndarray]
@@ -528,3 +534,74 @@ def iter_batches(batch_size: int, seed: int, **kwargs) -> Iterable[Batch]:
 
 def with_background(spec: Spec, background: str) -> Spec:
     return replace(spec, background=background)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Two-object scenes (multi-subject personalisation)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Two objects side by side on one background, drawn as a 64x128 image: ``left`` fills the left 64x64 half,
+    ``right`` the right half, each exactly as a single-object image would draw it (so the judge reads each half)."""
+
+    left: Spec
+    right: Spec
+
+    def __post_init__(self) -> None:
+        if self.left.background != self.right.background:
+            raise ValueError(f"both objects of a pair share one background, got {self.left.background!r} and "
+                             f"{self.right.background!r}")
+
+    @property
+    def background(self) -> str:
+        return self.left.background
+
+
+def pair_prompt(pair: PairSpec, identifiers: tuple[Optional[str], Optional[str]] = (None, None)) -> str:
+    """``"a red star and a blue ring on a green background"``; with identifiers ``"a sks circle and a zwx square on
+    a green background"``. At most one patterned object fits the text encoder's 16 positions."""
+    left = prompt_for(pair.left, drop_background=True, identifier=identifiers[0])
+    right = prompt_for(pair.right, drop_background=True, identifier=identifiers[1])
+    return TEMPLATE_PAIR.format(left=left, right=right, background=pair.background)
+
+
+def sample_pair_specs(
+    n: int, seed: int, *, pattern_fraction: float = 0.0, backgrounds: Optional[Sequence[str]] = None
+) -> list[PairSpec]:
+    """``n`` random pairs from the base distribution (no subject's (shape, pattern)); ``pattern_fraction`` of the
+    left objects are patterned, and the right object is then plain (two patterned objects would not fit a prompt)."""
+    exclude = _subject_pairs()
+    bgs = tuple(backgrounds) if backgrounds is not None else BACKGROUNDS
+    rng = np.random.default_rng([int(seed), 0x9A12])
+    pairs = []
+    for _ in range(n):
+        left = _sample_one(rng, pattern_fraction, exclude, bgs, SHAPES)
+        right_fraction = pattern_fraction if left.pattern == "plain" else 0.0
+        right = _sample_one(rng, right_fraction, exclude, (left.background,), SHAPES)
+        if left.pattern == "plain" and right.pattern != "plain" and rng.random() < 0.5:
+            left, right = right, left  # patterned objects on either side
+        pairs.append(PairSpec(left, right))
+    return pairs
+
+
+def render_pairs(pairs: Sequence[PairSpec], seed: int, offset: int = 0,
+                 identifiers: tuple[Optional[str], Optional[str]] = (None, None)) -> Batch:
+    """Draw ``pairs`` as 64x128 images; pair ``i`` uses the jitter stream ``(seed, offset + i)``. Labels are per half
+    (``left_shape``, ``right_color``, ...); prompts from :func:`pair_prompt`."""
+    images = np.empty((len(pairs), IMAGE_SIZE, PAIR_WIDTH, 3), dtype=np.uint8)
+    for i, pair in enumerate(pairs):
+        rng = np.random.default_rng([int(seed), 0x9A13, offset + i])
+        background = _jitter_rgb(rng, BACKGROUND_RGB[pair.background], 8)
+        images[i, :, :IMAGE_SIZE] = render(pair.left, rng, background)
+        images[i, :, IMAGE_SIZE:] = render(pair.right, rng, background)
+    labels = {f"{side}_{key}": value for side in ("left", "right")
+              for key, value in _labels([getattr(p, side) for p in pairs]).items()}
+    return Batch(images, labels, [pair_prompt(p, identifiers) for p in pairs], list(pairs))
+
+
+def make_pair_batch(n: int, seed: int, *, pattern_fraction: float = 0.0,
+                    backgrounds: Optional[Sequence[str]] = None) -> Batch:
+    """``n`` random two-object scenes (64x128) with per-half labels and prompts, fully determined by ``seed``."""
+    return render_pairs(sample_pair_specs(n, seed, pattern_fraction=pattern_fraction, backgrounds=backgrounds), seed)

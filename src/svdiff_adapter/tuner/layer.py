@@ -113,6 +113,8 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self._spectral_weight_key: Any = None
         self._spectral_built_for: Optional[tuple] = None
         self._spectral_storage_dtype: Optional[torch.dtype] = None  # set while the factors are upcast for training
+        # Precision of the U·diag(c)·Vᵀ products that build inference weights (W itself is never rounded).
+        self.spectral_build_dtype = torch.float32
         # Switch cache: adapter name -> (what it was built from, U·diag(δ)·Vᵀ as a matrix in the weight's dtype).
         self.spectral_switch_cache = False
         self._spectral_adapter_deltas: dict[str, tuple[Any, torch.Tensor]] = {}
@@ -212,14 +214,36 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         change = torch.relu(self.spectral_S + shift) - self.spectral_S
         return _SpectralDeltaWeight.apply(self.spectral_U, self.spectral_Vh, change).reshape(weight_shape)
 
+    def set_build_dtype(self, dtype: torch.dtype) -> None:
+        """Precision of the products that build inference weights: float32 (default) or bfloat16/float16, which
+        round only ΔW (relative error ~2⁻⁸ of ΔW for bfloat16), never W, and run ~2× faster where the CPU has
+        bfloat16 instructions. Training (gradients) always uses float32."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"build dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}.")
+        if dtype != self.spectral_build_dtype:
+            self.spectral_build_dtype = dtype
+            self.reset_spectral_cache()
+            self._spectral_adapter_deltas.clear()
+
+    def _factor_product(self, scale: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """U·diag(scale)·Vᵀ (restricted to singular-value `columns`) in the build dtype, as an m × n matrix."""
+        U, Vh = self.spectral_U, self.spectral_Vh
+        if columns is not None:
+            U, Vh = U[:, columns], Vh[columns]
+        dtype = self.spectral_build_dtype
+        return (U.to(dtype) * scale.to(dtype)) @ Vh.to(dtype)
+
     def weight_with_shift(self, base_weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """W + ΔW in the base weight's dtype."""
         if self.uses_factors and not (torch.is_grad_enabled() and shift.requires_grad):
-            # No gradient needed: W + (U·c)·Vᵀ in one BLAS call (addmm), without a separate m × n ΔW.
             change = torch.relu(self.spectral_S + shift) - self.spectral_S
             matrix = base_weight.reshape(1, -1) if base_weight.ndim == 1 else base_weight.reshape(base_weight.shape[0], -1)
-            fused = torch.addmm(matrix.to(torch.float32), self.spectral_U.to(torch.float32) * change,
-                                self.spectral_Vh.to(torch.float32))
+            if self.spectral_build_dtype == torch.float32:
+                # W + (U·c)·Vᵀ in one BLAS call (addmm), without a separate m × n ΔW.
+                fused = torch.addmm(matrix.to(torch.float32), self.spectral_U.to(torch.float32) * change,
+                                    self.spectral_Vh.to(torch.float32))
+            else:
+                fused = matrix.to(torch.float32) + self._factor_product(change)
             return fused.reshape(base_weight.shape).to(base_weight.dtype)
         delta = self.delta_from_shift(shift)
         if base_weight.dtype == torch.float32:
@@ -241,8 +265,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            matrix = (self.spectral_U.to(torch.float32) * delta.to(torch.float32)) @ self.spectral_Vh.to(torch.float32)
-        matrix = matrix.to(weight.dtype)
+            matrix = self._factor_product(delta.detach().to(torch.float32)).to(weight.dtype)
         self._spectral_adapter_deltas[adapter] = (key, matrix)
         return matrix
 
@@ -254,9 +277,11 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             fused.add_(self._adapter_delta_matrix(name), alpha=self.spectral_scaling[name])
         clipped_amount = torch.relu(-(self.spectral_S + shift))
         clipped = clipped_amount.nonzero().flatten()
-        if clipped.numel():
+        if clipped.numel() and self.spectral_build_dtype == torch.float32:
             fused.addmm_(self.spectral_U[:, clipped].to(torch.float32) * clipped_amount[clipped],
                          self.spectral_Vh[clipped].to(torch.float32))
+        elif clipped.numel():
+            fused.add_(self._factor_product(clipped_amount[clipped], clipped))
         return fused.reshape(base_weight.shape).to(base_weight.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
