@@ -150,11 +150,8 @@ def main():
         row["shift_file_bytes"] = paths["a"].stat().st_size
         row["lora_file_bytes"] = paths["lora"].stat().st_size
         row["resolution"] = args.resolution
-        if args.first_image_only:
-            cold = SVDCache(work / "cold-cache")
-            pipe.load_spectral_shift(paths["a"], "warm-up", svd_cache=cold)  # fills the warm cache
-            pipe.unload_spectral_shift()
-            row.update(first_image_rows(pipe, paths, cold, work, args.resolution))
+        if args.first_image_only:  # making the files filled `files_cache`: it is the warm cache here
+            row.update(first_image_rows(pipe, paths, files_cache, work, args.resolution))
             return write_results(args.out, row)
 
         row["forward_base_s"] = unet_forward(pipe, args.repeats)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from methods import MethodSpec
+from methods import MethodSpec, save
 
 from svdiff_adapter import toyworld as tw
 from svdiff_adapter.toyworld.personalize import subject_scores, write_subject_images
@@ -34,7 +34,8 @@ SUBJECTS = (Subject("split_circle", shape="circle", pattern="split", colors=("gr
 CONDITIONS = {  # name: (Cut-Mix probability per step, unmix weight)
     "joint": (0.0, 0.0),
     "cut-mix": (0.6, 0.0),
-    "cut-mix-unmix": (0.6, 0.1),  # the weight of examples/train_dreambooth_svdiff.py
+    "cut-mix-unmix-0.1": (0.6, 0.1),  # the weight examples/train_dreambooth_svdiff.py suggests
+    "cut-mix-unmix-1": (0.6, 1.0),  # the unmix term measured ~0.004 against a ~0.04 denoising loss: 0.1 barely acts
 }
 PAIR_SAMPLES = 8  # per background and per order (sks left / zwx left)
 
@@ -110,17 +111,12 @@ def _is_subject(judged: dict, index: int, subject: Subject) -> bool:
             and {judged["color"][index], judged["color2"][index]} == set(subject.colors))
 
 
-def _shows_parts_of(judged: dict, index: int, subject: Subject) -> bool:
-    """The object carries the subject's pattern or one of its colours (a trace of it, not necessarily all of it)."""
-    return (judged["pattern"][index] == subject.pattern
-            or bool({judged["color"][index], judged["color2"][index]} & set(subject.colors)))
-
-
 def pair_scores(pipe, judge, backgrounds, seed: int = 5) -> dict:
     """Judge "a sks circle and a zwx square on a <bg> background" and the reversed order at 64x128.
 
-    Per image: `both` = the left half is the first-named subject and the right half the second (all of shape, pattern
-    and both colours); `mixed` = an object shows the other subject's pattern or a colour of it.
+    Per image: `both` = the left half is the first-named subject and the right half the second (shape, pattern and
+    both colours); `mixed` = an object carries the other subject's pattern (a dotted circle, a split square), the
+    mixing of features Cut-Mix-Unmix is meant to prevent; `swapped` = each half shows the other subject's pattern.
     """
     prompts, expected = [], []
     for background in backgrounds:
@@ -133,10 +129,12 @@ def pair_scores(pipe, judge, backgrounds, seed: int = 5) -> dict:
     n = len(prompts)
     left = [_is_subject(judged["left"], i, expected[i][0]) for i in range(n)]
     right = [_is_subject(judged["right"], i, expected[i][1]) for i in range(n)]
-    mixed = [_shows_parts_of(judged["left"], i, expected[i][1]) or _shows_parts_of(judged["right"], i, expected[i][0])
-             for i in range(n)]
+    left_foreign = [judged["left"]["pattern"][i] == expected[i][1].pattern for i in range(n)]
+    right_foreign = [judged["right"]["pattern"][i] == expected[i][0].pattern for i in range(n)]
+    mixed = [a or b for a, b in zip(left_foreign, right_foreign)]
     return {"pair_samples": n, "pair_both": sum(a and b for a, b in zip(left, right)) / n,
             "pair_left": sum(left) / n, "pair_right": sum(right) / n, "pair_mixed": sum(mixed) / n,
+            "pair_swapped": sum(a and b for a, b in zip(left_foreign, right_foreign)) / n,
             "pair_both_unmixed": sum(a and b and not m for a, b, m in zip(left, right, mixed)) / n}
 
 
@@ -153,7 +151,9 @@ def run_multi(out: Path, judge, condition: str, seed: int, steps: int, train, wr
     pipe = tw.load_toyworld_pipeline(pipeline_dir)
     result = {"kind": "multi", "id": run_id, "condition": condition, "cutmix_prob": cutmix_prob,
               "unmix_weight": unmix_weight, "seed": seed, "steps": steps, "subjects": [s.name for s in SUBJECTS]}
-    result.update(train(pipe, MethodSpec("spectral", spectral_lr), data, seed, steps, unmix_weight=unmix_weight))
+    spec = MethodSpec("spectral", spectral_lr)
+    result.update(train(pipe, spec, data, seed, steps, unmix_weight=unmix_weight))
+    save(spec, pipe, out / "weights" / run_id)  # kept, so that the scores can be recomputed without training
     result.update(pair_scores(pipe, judge, tw.BACKGROUNDS))
     with torch.no_grad():
         for subject in tqdm(SUBJECTS, desc="single prompts", leave=False):
@@ -175,3 +175,33 @@ def run_pair_base(out: Path, judge, write_json) -> dict:
               "pair_model": {key: metrics[key]["all"] for key in ("pairs", "pairs_one_patterned", "single")}}
     write_json(path, result)
     return result
+
+
+def montage(out: Path, path: Path, seed: int = 0, samples: int = 6) -> None:
+    """Samples of "a sks circle and a zwx square on a blue background" per condition (rows), as a PNG: the pair model
+    alone, then each condition's seed-`seed` shift (from the weights each run saves)."""
+    from PIL import Image, ImageDraw
+
+    import svdiff_adapter as sa
+
+    sa.patch_diffusers()
+    pipeline_dir = pair_model(out)
+    scene = PairSpec(SUBJECTS[0].spec("blue"), SUBJECTS[1].spec("blue"))
+    prompts = [pair_prompt(scene, (SUBJECTS[0].identifier, SUBJECTS[1].identifier))] * samples
+    rows = [("pair model", None)] + [(name, out / "weights" / f"multi-{name}-s{seed}") for name in CONDITIONS]
+    label_width, gap = 150, 4
+    sheet = Image.new("RGB", (label_width + samples * (PAIR_WIDTH + gap), len(rows) * (IMAGE_SIZE + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (label, weights) in enumerate(rows):
+        pipe = tw.load_toyworld_pipeline(pipeline_dir)
+        if weights is not None:
+            pipe.load_spectral_shift(str(weights), adapter_name="pair", svd_cache=False)
+        with torch.no_grad():
+            images = tw.generate(pipe, prompts, seed=11, width=PAIR_WIDTH)
+        pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        y = index * (IMAGE_SIZE + gap)
+        draw.text((4, y + IMAGE_SIZE // 2 - 6), label, fill="black")
+        for column, image in enumerate(pixels):
+            sheet.paste(Image.fromarray(image), (label_width + column * (PAIR_WIDTH + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)

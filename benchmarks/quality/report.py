@@ -15,6 +15,7 @@ from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from multi import CONDITIONS  # noqa: E402
 from run import table_specs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,22 +114,29 @@ def editing_table(result: dict) -> list[str]:
 
 def multi_table(runs: list[dict]) -> list[str]:
     base = next((r for r in runs if r["kind"] == "multi-base"), None)
-    lines = ["| condition | both subjects right, in the asked order | first-named right (left) | second-named right "
-             "(right) | mixed (an object shows the other's pattern or a colour) | both right and unmixed | split "
-             "circle alone | dotted square alone |", "|" + "---|" * 8]
+    lines = ["| condition (Cut-Mix probability, unmix weight) | both subjects right, in the asked order | first-named "
+             "right (left) | second-named right (right) | mixed: an object shows the other's pattern | swapped: both "
+             "do | split circle alone | dotted square alone |", "|" + "---|" * 8]
     if base:
         lines.append(f"| pair base model (no shift) | {pct(base['pair_both'])} | {pct(base['pair_left'])} | "
-                     f"{pct(base['pair_right'])} | {pct(base['pair_mixed'])} | {pct(base['pair_both_unmixed'])} | – | – |")
+                     f"{pct(base['pair_right'])} | {pct(base['pair_mixed'])} | {pct(base['pair_swapped'])} "
+                     "| – | – |")
     conditions: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if run["kind"] == "multi":
             conditions[run["condition"]].append(run)
-    for condition, group in conditions.items():
+    for condition in sorted(conditions, key=list(CONDITIONS).index):
+        group = conditions[condition]
         group.sort(key=lambda r: r["seed"])
         cells = [spread([r[key] for r in group]) for key in ("pair_both", "pair_left", "pair_right", "pair_mixed",
-                                                             "pair_both_unmixed", "split_circle_alone",
+                                                             "pair_swapped", "split_circle_alone",
                                                              "dotted_square_alone")]
-        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+        setting = f"{group[0]['cutmix_prob']}, {group[0]['unmix_weight']}"
+        lines.append(f"| {condition} ({setting}) | " + " | ".join(cells) + " |")
+    unmixed = [r for r in runs if r["kind"] == "multi" and "unmix_loss_start" in r]
+    for run in sorted(unmixed, key=lambda r: r["id"]):
+        lines.append(f"\n{run['id']}: unmix term {run['unmix_loss_start']:.4f} over the first tenth of the Cut-Mix "
+                     f"steps, {run['unmix_loss_end']:.4f} over the last tenth.")
     if base:
         model = base["pair_model"]
         lines.append(f"\nPair base model (examples/toyworld/train_pair_model.py), fresh prompts judged fully right: "

@@ -310,6 +310,7 @@ def main() -> None:
             for condition in multi.CONDITIONS:
                 multi.run_multi(args.out, judge, condition, seed, args.steps, train, write_json, SPECTRAL_LR,
                                 TRAIN_BACKGROUNDS, NUM_IMAGES, NUM_CLASS_IMAGES)
+        multi.montage(args.out, Path(__file__).resolve().parents[2] / "docs" / "images" / "quality_multi.png")
 
 
 if __name__ == "__main__":

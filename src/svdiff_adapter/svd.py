@@ -42,6 +42,7 @@ CACHE_DIR_ENV = "SVDIFF_CACHE_DIR"
 _PROGRESS_MIN_ELEMENTS = 50_000_000
 SMALL_MATRIX = 512 * 512  # elements; see one_thread_if_small
 _IO_WORKERS = 2
+_SVD_WORKERS = 4
 
 
 @dataclass
@@ -232,9 +233,10 @@ def compute_factors(
 ) -> dict[str, SpectralFactors]:
     """Factors of each matrix (see `weight_matrix`), on the matrix's device.
 
-    CPU matrices are decomposed by as many worker threads as torch has intra-op threads, each LAPACK call on one
-    thread: gesdd's bidiagonalisation scales poorly across threads, and two single-threaded SVDs side by side
-    measured 0.89× the time of the same SVDs one after the other on two threads (2-core CPU, SD1.5 shapes).
+    CPU matrices are decomposed by up to 4 worker threads side by side, torch's intra-op threads shared among them
+    (one LAPACK thread each on up to 4 cores): gesdd's bidiagonalisation scales poorly across threads, and two
+    single-threaded SVDs side by side measured 0.89× the time of the same SVDs one after the other on two threads
+    (2-core CPU, SD1.5 shapes).
     Same-shaped CUDA matrices go through one batched call. With a cache, two more threads hash weights and read
     entries ahead of the decompositions and write new entries behind them (hashing, file I/O and LAPACK all release
     the GIL). An interrupted run keeps every entry already computed.
@@ -246,7 +248,8 @@ def compute_factors(
     io_pool = ThreadPoolExecutor(max_workers=_IO_WORKERS) if svd_cache is not None else None
     lookups = {name: io_pool.submit(_lookup, svd_cache, m) for name, m in matrices.items()} if io_pool else {}
     threads = torch.get_num_threads()
-    svd_pool = ThreadPoolExecutor(max_workers=threads)
+    workers = min(threads, _SVD_WORKERS)  # each holds one SVD workspace: bounded memory on many-core machines
+    svd_pool = ThreadPoolExecutor(max_workers=workers)
     cpu_jobs: dict[str, Future] = {}
     writes = []
     keys: dict[str, str] = {}
@@ -256,7 +259,7 @@ def compute_factors(
         if io_pool is not None:
             writes.append(io_pool.submit(svd_cache.put, keys[name], factors))
 
-    torch.set_num_threads(1)  # per LAPACK call; the workers run side by side
+    torch.set_num_threads(max(1, threads // workers))  # per LAPACK call; the workers run side by side
     try:
         with tqdm(total=total, desc=desc, unit="w", unit_scale=True, disable=not show) as bar:
             cuda_misses = []

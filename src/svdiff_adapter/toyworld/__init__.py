@@ -187,4 +187,5 @@ def judge_pairs(images, judge=None) -> dict[str, dict[str, list]]:
     if isinstance(images, np.ndarray):
         images = to_tensor(images)
     judge = judge if judge is not None else load_judge()
-    return {"left": judge_images(images[..., :IMAGE_SIZE], judge), "right": judge_images(images[..., IMAGE_SIZE:], judge)}
+    return {"left": judge_images(images[..., :IMAGE_SIZE], judge),
+            "right": judge_images(images[..., IMAGE_SIZE:], judge)}
