@@ -25,7 +25,7 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/foundation.py
 
-# Toy-world quality benchmark (~80 min on 2 cores; resumable): results in benchmarks/results/quality.md.
+# Toy-world quality benchmark (~2 h on 2 cores incl. the two-subject phase; resumable): benchmarks/results/quality.md.
 quality: venv
 	$(PIP) install -q -e ".[test,bench]"
 	$(PY) benchmarks/quality/run.py --out .bench/quality

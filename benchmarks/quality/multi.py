@@ -35,7 +35,7 @@ CONDITIONS = {  # name: (Cut-Mix probability per step, unmix weight)
     "joint": (0.0, 0.0),
     "cut-mix": (0.6, 0.0),
     "cut-mix-unmix-0.1": (0.6, 0.1),  # the weight examples/train_dreambooth_svdiff.py suggests
-    "cut-mix-unmix-1": (0.6, 1.0),  # the unmix term measured ~0.004 against a ~0.04 denoising loss: 0.1 barely acts
+    "cut-mix-unmix-1": (0.6, 1.0),  # the unmix term is ~0.004 beside a ~0.04 denoising loss: 0.1 weighs little
 }
 PAIR_SAMPLES = 8  # per background and per order (sks left / zwx left)
 
