@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from methods import MethodSpec, save
 
 from svdiff_adapter import toyworld as tw
-from svdiff_adapter.toyworld.personalize import subject_scores, write_subject_images
+from svdiff_adapter.toyworld.personalize import is_subject, subject_scores, write_subject_images
 from svdiff_adapter.toyworld.world import IMAGE_SIZE, PAIR_WIDTH, PairSpec, Subject, pair_prompt
 from svdiff_adapter.training.data import Batch
 from svdiff_adapter.training.images import ImageTransform, load_images
@@ -106,11 +106,6 @@ class PairData:
                      num_instance=batch_size, pairs=pairs, masks=torch.stack(masks))
 
 
-def _is_subject(judged: dict, index: int, subject: Subject) -> bool:
-    return (judged["shape"][index] == subject.shape and judged["pattern"][index] == subject.pattern
-            and {judged["color"][index], judged["color2"][index]} == set(subject.colors))
-
-
 def pair_scores(pipe, judge, backgrounds, seed: int = 5) -> dict:
     """Judge "a sks circle and a zwx square on a <bg> background" and the reversed order at 64x128.
 
@@ -127,8 +122,8 @@ def pair_scores(pipe, judge, backgrounds, seed: int = 5) -> dict:
     with torch.no_grad():
         judged = tw.judge_pairs(tw.generate(pipe, prompts, seed=seed, width=PAIR_WIDTH), judge=judge)
     n = len(prompts)
-    left = [_is_subject(judged["left"], i, expected[i][0]) for i in range(n)]
-    right = [_is_subject(judged["right"], i, expected[i][1]) for i in range(n)]
+    left = [is_subject(judged["left"], i, expected[i][0]) for i in range(n)]
+    right = [is_subject(judged["right"], i, expected[i][1]) for i in range(n)]
     left_foreign = [judged["left"]["pattern"][i] == expected[i][1].pattern for i in range(n)]
     right_foreign = [judged["right"]["pattern"][i] == expected[i][0].pattern for i in range(n)]
     mixed = [a or b for a, b in zip(left_foreign, right_foreign)]

@@ -277,7 +277,6 @@ def compute_factors(
             for name, job in cpu_jobs.items():
                 store(name, job.result())
                 bar.update(matrices[name].numel())
-            torch.set_num_threads(threads)
             for group in _same_shape_groups(cuda_misses, matrices):
                 stacked = decompose(torch.stack([matrices[n].detach() for n in group]))
                 for index, name in enumerate(group):

@@ -109,7 +109,8 @@ def train_subject_shift(
     return output_dir
 
 
-def _is_subject(judged: dict, index: int, subject: Subject) -> bool:
+def is_subject(judged: dict, index: int, subject: Subject) -> bool:
+    """Whether sample `index` of a `judge_images` result is `subject`: its shape, pattern and both colours."""
     return (judged["shape"][index] == subject.shape and judged["pattern"][index] == subject.pattern
             and {judged["color"][index], judged["color2"][index]} == set(subject.colors))
 
@@ -138,10 +139,10 @@ def subject_scores(
     result = {"subject": {}, "background": {}, "subject_and_background": {}}
     for k, bg in enumerate(backgrounds):
         rows = range(k * per_background, (k + 1) * per_background)
-        result["subject"][bg] = sum(_is_subject(judged, i, subject) for i in rows) / per_background
+        result["subject"][bg] = sum(is_subject(judged, i, subject) for i in rows) / per_background
         result["background"][bg] = sum(judged["background"][i] == bg for i in rows) / per_background
         result["subject_and_background"][bg] = sum(
-            _is_subject(judged, i, subject) and judged["background"][i] == bg for i in rows) / per_background
+            is_subject(judged, i, subject) and judged["background"][i] == bg for i in rows) / per_background
     for key in ("subject", "background", "subject_and_background"):
         result[f"{key}_mean"] = sum(result[key].values()) / len(backgrounds)
     return result
