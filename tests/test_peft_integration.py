@@ -129,3 +129,48 @@ def test_low_cpu_mem_usage_injection_then_state_dict():
     set_peft_model_state_dict(fresh, state, adapter_name="a", low_cpu_mem_usage=True)
     with torch.no_grad():
         assert torch.equal(fresh(mixed_inputs()), expected)
+
+
+@pytest.mark.parametrize("kinds", [["linear", "embedding"], ["conv2d", "norm"]], ids=["text", "unet"])
+def test_sequential_offload_streams_the_shifted_weight(kinds):
+    """Under accelerate's `cpu_offload` (onto the CPU, the test machine's only device; the hook code is the same for
+    a GPU) `offload_spectral_layers` gives the outputs of the model without offloading, the other modules stay
+    offloaded (meta weights between calls), and removing the hooks leaves a working model."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    def build():
+        if kinds[0] == "conv2d":
+            return tiny_unet(), unet_output
+        return tiny_text_encoder(), lambda m: m(text_inputs()).last_hidden_state.detach()
+
+    reference, run = build()
+    sa.add_spectral_shift(reference, SpectralShiftConfig(target_kinds=kinds, init_scale=0.1), "a", svd_cache=False)
+    model, _ = build()
+    sa.add_spectral_shift(model, SpectralShiftConfig(target_kinds=kinds), "a", svd_cache=False)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(reference, adapter_name="a"), adapter_name="a")
+    expected = run(reference)
+    layers = [m for m in model.modules() if isinstance(m, SpectralShiftLayer)]
+
+    cpu_offload(model, torch.device("cpu"))
+    assert sa.offload_spectral_layers(model, torch.device("cpu")) == len(layers)
+    assert torch.equal(run(model), expected)
+    offloaded = [n for n, p in model.named_parameters() if p.is_meta]
+    assert offloaded and not any(".spectral_delta." in n or ".base_layer." in n for n in offloaded)
+    assert all(not t.is_meta for layer in layers for t in (*layer.parameters(), *layer.buffers()))
+    with torch.no_grad():  # a new δ is picked up (the CPU-side W_δ is rebuilt)
+        layers[0].spectral_delta["a"].mul_(2)
+        reference.get_submodule(next(n for n, m in model.named_modules() if m is layers[0])).spectral_delta["a"].mul_(2)
+    assert torch.equal(run(model), run(reference))
+
+    remove_hook_from_module(model, recurse=True)
+    assert not any(p.is_meta for p in model.parameters()) and layers[0].spectral_execution_device is None
+    assert torch.equal(run(model), run(reference))
+
+
+def test_offload_spectral_layers_refuses_weights_it_cannot_restore():
+    model = tiny_text_encoder()
+    sa.add_spectral_shift(model, SpectralShiftConfig(target_kinds=["linear"]), "a", svd_cache=False)
+    model.to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        sa.offload_spectral_layers(model, "cpu")

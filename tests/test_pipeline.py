@@ -511,8 +511,7 @@ def test_sdxl_pipeline_loads_composes_fuses_and_saves_all_three_components(tmp_p
 def test_model_cpu_offload_stays_on_through_load_and_unload(prototype, shifts):
     """With `enable_model_cpu_offload` (here onto the CPU itself, the only device of the test machine) the hooks are
     taken off while the shift is added, put back on the device the user chose, and images match a pipeline without
-    offloading. (Sequential offload cannot run on a CPU-only machine: accelerate fails on the meta weights of a
-    plain pipeline already.)"""
+    offloading."""
     def image(pipe):
         return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
                     height=32, width=32).images
@@ -528,6 +527,68 @@ def test_model_cpu_offload_stays_on_through_load_and_unload(prototype, shifts):
     offloaded.unload_spectral_shift()
     assert offloaded.unet._hf_hook is not None
     torch.testing.assert_close(image(offloaded), base_image, rtol=0, atol=0)
+
+
+def _accelerate_hooks_on_plain_cpu(pipe):
+    """diffusers names the offload device `cpu:0`, and with torch 2.13 `Parameter.to("cpu:0")` returns a plain
+    tensor, on which accelerate's next offload step fails (a pipeline without adapters too). Point accelerate's
+    hooks at `cpu` so that sequential offload runs on this CPU-only machine."""
+    from accelerate.hooks import AlignDevicesHook
+
+    for component in ("unet", "text_encoder", "vae"):
+        for module in getattr(pipe, component).modules():
+            hook = getattr(module, "_hf_hook", None)
+            for part in getattr(hook, "hooks", [hook]):
+                if isinstance(part, AlignDevicesHook) and part.execution_device is not None:
+                    part.execution_device = torch.device("cpu")
+
+
+def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts):
+    """`enable_sequential_cpu_offload` with shifts: the same images as without offloading, through load, weights,
+    hotswap, disable and unload, with offload enabled before or after loading; the rest of the pipeline stays offloaded (meta weights)."""
+    from svdiff_adapter.tuner import SpectralOffloadHook
+
+    def image(pipe):
+        return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    height=32, width=32).images
+
+    def spectral_hooks(pipe):
+        return sum(isinstance(getattr(m, "_hf_hook", None), SpectralOffloadHook)
+                   for component in ("unet", "text_encoder") for m in getattr(pipe, component).modules())
+
+    plain = copy.deepcopy(prototype)
+    base_image = image(plain)
+    plain.load_spectral_shift(shifts["A"]["file"], "A")
+    shifted_image = image(plain)
+    plain.set_adapters(["A"], [0.5])
+    half_image = image(plain)
+    plain.load_spectral_shift(shifts["B"]["file"], "A", hotswap=True)
+    swapped_image = image(plain)
+
+    offloaded = copy.deepcopy(prototype)
+    offloaded.enable_sequential_cpu_offload(device="cpu")
+    offloaded.load_spectral_shift(shifts["A"]["file"], "A")
+    _accelerate_hooks_on_plain_cpu(offloaded)
+    assert spectral_hooks(offloaded) == len(UNET_MODULES) + len(TEXT_MODULES)
+    assert offloaded.unet.conv_out.weight.is_meta and offloaded.vae.decoder.conv_out.weight.is_meta
+    assert torch.equal(image(offloaded), shifted_image)
+    offloaded.set_adapters(["A"], [0.5])
+    assert torch.equal(image(offloaded), half_image)
+    offloaded.load_spectral_shift(shifts["B"]["file"], "A", hotswap=True)
+    assert torch.equal(image(offloaded), swapped_image)
+    offloaded.disable_lora()
+    assert torch.equal(image(offloaded), base_image)
+    offloaded.enable_lora()
+    offloaded.unload_spectral_shift()
+    _accelerate_hooks_on_plain_cpu(offloaded)
+    assert spectral_hooks(offloaded) == 0 and offloaded.unet.conv_out.weight.is_meta
+    assert torch.equal(image(offloaded), base_image)
+
+    loaded_first = copy.deepcopy(prototype)
+    loaded_first.load_spectral_shift(shifts["A"]["file"], "A")
+    loaded_first.enable_sequential_cpu_offload(device="cpu")
+    _accelerate_hooks_on_plain_cpu(loaded_first)
+    assert torch.equal(image(loaded_first), shifted_image)
 
 
 def test_bfloat16_weight_builds_through_the_pipeline(pipe, shifts):

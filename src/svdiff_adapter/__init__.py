@@ -40,6 +40,7 @@ from .tuner import (
     SpectralShiftLayer,
     SpectralShiftModel,
     SpectralShiftPeftType,
+    offload_spectral_layers,
     register_spectral_shift,
     svd_options,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "load_spectral_shift",
     "load_spectral_shift_into_model",
     "merge_shifts",
+    "offload_spectral_layers",
     "pull_shift",
     "push_shift",
     "register_spectral_shift",

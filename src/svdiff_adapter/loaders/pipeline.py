@@ -39,7 +39,7 @@ from ..format import (
     parse_state_dict,
     save_shift_file,
 )
-from ..tuner import SpectralShiftLayer, spectral_layers
+from ..tuner import SpectralShiftLayer, offload_spectral_layers, spectral_layers
 from .hub import read_shift_files, resolve_shift_files, upload_shift_folder
 from .model import (
     enable_spectral_switch_cache,
@@ -734,6 +734,16 @@ class SpectralShiftLoaderMixin:
         )
         if not hotswap:
             self._activate(active + [adapter_name])
+
+    def enable_sequential_cpu_offload(self, gpu_id: Optional[int] = None, device=None) -> None:
+        """diffusers' `enable_sequential_cpu_offload`, with spectral layers hooked by `offload_spectral_layers`: their
+        W_δ is built and kept on the CPU and only it (and the bias) goes to the device per call. Loading and unloading
+        shifts later keeps the offload on (hooks are taken off and put back, as diffusers' LoRA loaders do)."""
+        self._diffusers_method("enable_sequential_cpu_offload")(gpu_id=gpu_id, device=device)
+        excluded = set(getattr(self, "_exclude_from_cpu_offload", ()))
+        for name, model in self._spectral_components().items():
+            if name not in excluded:
+                offload_spectral_layers(model, self._offload_device)
 
 
 def _weight_function(value: Weight, component: str, model: nn.Module, adapter: str) -> Callable[[str], float]:

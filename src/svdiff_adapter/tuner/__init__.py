@@ -3,6 +3,7 @@
 from .config import SpectralShiftConfig, SpectralShiftPeftType
 from .layer import Conv2d, Embedding, GroupNorm, LayerNorm, Linear, SpectralShiftLayer
 from .model import SpectralShiftModel, remove_spectral_layers, resolve_targets, spectral_layers, svd_options
+from .offload import SpectralOffloadHook, offload_spectral_layers
 from .registration import register_spectral_shift
 
 
@@ -16,8 +17,10 @@ __all__ = [
     "Linear",
     "SpectralShiftConfig",
     "SpectralShiftLayer",
+    "SpectralOffloadHook",
     "SpectralShiftModel",
     "SpectralShiftPeftType",
+    "offload_spectral_layers",
     "register_spectral_shift",
     "remove_spectral_layers",
     "resolve_targets",

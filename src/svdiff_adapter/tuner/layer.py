@@ -118,6 +118,9 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         # Switch cache: adapter name -> (what it was built from, U·diag(δ)·Vᵀ as a matrix in the weight's dtype).
         self.spectral_switch_cache = False
         self._spectral_adapter_deltas: dict[str, tuple[Any, torch.Tensor]] = {}
+        # Set under sequential CPU offload (`offload_spectral_layers`): the layer's tensors stay where they are and
+        # each call sends the weight in use and the bias to this device.
+        self.spectral_execution_device: Optional[torch.device] = None
         if factors is not None:
             weight = base_layer.weight
             self.spectral_U = factors.U.to(weight.device)
@@ -394,8 +397,8 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     # ------------------------------------------------------------------------------------------------ forward
-    def run_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The base module's operation with another weight (subclasses)."""
+    def run_base(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The base module's operation with another weight and bias (subclasses)."""
         raise NotImplementedError
 
     def factored_rows(self, x: torch.Tensor) -> Optional[int]:
@@ -420,6 +423,8 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return 2 * rows * k * (m + n) < rows * m * n + 2 * m * n * k
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.spectral_execution_device is not None:
+            return self._offloaded_forward(x)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -432,7 +437,19 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             if self._factored_is_cheaper(x):
                 change = torch.relu(self.spectral_S + self.combined_shift(names)) - self.spectral_S
                 return self.base_layer(x, *args, **kwargs) + self.factored_delta(x, change)
-        return self.run_base(x, self.effective_weight())
+        return self.run_base(x, self.effective_weight(), getattr(self.base_layer, "bias", None))
+
+    def _offloaded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequential offload: W_δ is built and cached where the layer's tensors live (the CPU); only the weight in
+        use and the bias travel to the execution device, for this call — the traffic and device memory of the base
+        layer under accelerate's own hooks."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        shifted = not (self.disable_adapters or self.merged) and self._spectral_active()
+        weight = self.effective_weight() if shifted else self.base_layer.weight
+        bias = getattr(self.base_layer, "bias", None)
+        device = self.spectral_execution_device
+        return self.run_base(x, weight.to(device), None if bias is None else bias.to(device))
 
     def _float32_factors(self, training: bool) -> None:
         """Hold U and Vᵀ in float32 while δ trains, in their storage dtype otherwise.
@@ -473,8 +490,8 @@ def _factors_as(layer: SpectralShiftLayer, x: torch.Tensor, change: torch.Tensor
 class Linear(SpectralShiftLayer):
     mirrored_attributes = ("in_features", "out_features")
 
-    def run_base(self, x, weight):
-        return F.linear(x, weight, self.base_layer.bias)
+    def run_base(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
     def factored_rows(self, x):
         return x.numel() // x.shape[-1]
@@ -487,8 +504,8 @@ class Linear(SpectralShiftLayer):
 class Conv2d(SpectralShiftLayer):
     mirrored_attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 
-    def run_base(self, x, weight):
-        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+    def run_base(self, x, weight, bias):
+        return self.base_layer._conv_forward(x, weight, bias)
 
     def factored_rows(self, x):
         stride = self.base_layer.stride
@@ -505,8 +522,8 @@ class Conv2d(SpectralShiftLayer):
 class Embedding(SpectralShiftLayer):
     mirrored_attributes = ("num_embeddings", "embedding_dim", "padding_idx")
 
-    def run_base(self, x, weight):
-        base = self.base_layer
+    def run_base(self, x, weight, bias):
+        base = self.base_layer  # embeddings have no bias
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                            base.sparse)
 
@@ -521,17 +538,17 @@ class Embedding(SpectralShiftLayer):
 class LayerNorm(SpectralShiftLayer):
     mirrored_attributes = ("normalized_shape", "eps")
 
-    def run_base(self, x, weight):
+    def run_base(self, x, weight, bias):
         base = self.base_layer
-        return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
 
 
 class GroupNorm(SpectralShiftLayer):
     mirrored_attributes = ("num_groups", "num_channels", "eps")
 
-    def run_base(self, x, weight):
+    def run_base(self, x, weight, bias):
         base = self.base_layer
-        return F.group_norm(x, base.num_groups, weight, base.bias, base.eps)
+        return F.group_norm(x, base.num_groups, weight, bias, base.eps)
 
 
 LAYER_CLASSES = {
