@@ -2,15 +2,17 @@
 
 No network: the Hub is the local Hub-compatible server of tests/hub_server.py on 127.0.0.1, reached through the real
 huggingface_hub code (push with `push_spectral_shift_to_hub`, pull into the Hub cache with `load_spectral_shift`).
-Writes outputs/load_and_compose.png (columns: base, a = 0, .25, .5, .75, 1) and outputs/load_and_compose.json.
+Writes outputs/load_and_compose.png (columns: base, a = 0, .25, .5, .75, 1) and outputs/load_and_compose.json
+(`--out DIR` for another folder); exits with an error if a check fails.
 
-    python examples/load_and_compose.py       # from the repository root, ~1 minute on 2 CPU cores
+    python examples/load_and_compose.py       # from the repository root, ~10 seconds on 2 CPU cores
 
 The images are noise (random weights); what matters are the checks it prints:
 a = 1 gives exactly the image of "dog" alone, a = 0 that of "cat" alone, and weights (1, 1) give the model of the
 single shift δ_dog + δ_cat (the sum inside the ReLU).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -54,8 +56,10 @@ def generate(pipe) -> np.ndarray:
 
 
 def main() -> None:
-    out = Path("outputs")
-    out.mkdir(exist_ok=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG grid and the JSON")
+    out = parser.parse_args().out
+    out.mkdir(parents=True, exist_ok=True)
     shifts = {"dog": make_shift(tiny_pipeline(), 1), "cat": make_shift(tiny_pipeline(), 2)}
     for name, deltas in shifts.items():  # publish both shifts on the local Hub
         author = tiny_pipeline(sa.StableDiffusionPipeline)

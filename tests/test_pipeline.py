@@ -6,6 +6,7 @@ References are computed here by hand from `torch.linalg.svd` in float64: W' = UÂ
 import copy
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
@@ -503,6 +504,12 @@ def test_sdxl_pipeline_loads_composes_fuses_and_saves_all_three_components(tmp_p
     images = pipe("a b", num_inference_steps=2, height=32, width=32, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 32, 32, 3)
+    offloaded = copy.deepcopy(pipe)  # sequential offload reaches text_encoder_2 too
+    offloaded.enable_sequential_cpu_offload(device="cpu")
+    _accelerate_hooks_on_plain_cpu(offloaded)
+    assert offloaded.text_encoder_2._hf_hook is not None
+    assert np.array_equal(offloaded("a b", num_inference_steps=2, height=32, width=32, output_type="np",
+                                    generator=torch.Generator().manual_seed(0)).images, images)
     pipe.unload_spectral_shift()
     for component in modules:
         assert_unchanged(getattr(pipe, component), state_snapshot(getattr(base, component)))
@@ -535,8 +542,8 @@ def _accelerate_hooks_on_plain_cpu(pipe):
     hooks at `cpu` so that sequential offload runs on this CPU-only machine."""
     from accelerate.hooks import AlignDevicesHook
 
-    for component in ("unet", "text_encoder", "vae"):
-        for module in getattr(pipe, component).modules():
+    for component in pipe.components.values():
+        for module in component.modules() if isinstance(component, torch.nn.Module) else ():
             hook = getattr(module, "_hf_hook", None)
             for part in getattr(hook, "hooks", [hook]):
                 if isinstance(part, AlignDevicesHook) and part.execution_device is not None:
