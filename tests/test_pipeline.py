@@ -550,7 +550,7 @@ def _accelerate_hooks_on_plain_cpu(pipe):
                     part.execution_device = torch.device("cpu")
 
 
-def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts):
+def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts, lora_dir):
     """`enable_sequential_cpu_offload` with shifts: the same images as without offloading, through load, weights,
     hotswap, disable and unload, with offload enabled before or after loading; the rest of the pipeline stays offloaded (meta weights)."""
     from svdiff_adapter.tuner import SpectralOffloadHook
@@ -596,6 +596,16 @@ def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts):
     loaded_first.enable_sequential_cpu_offload(device="cpu")
     _accelerate_hooks_on_plain_cpu(loaded_first)
     assert torch.equal(image(loaded_first), shifted_image)
+
+    # A LoRA wrapping shifted modules (to_q, to_k) keeps its own accelerate hooks and still applies.
+    with_lora = copy.deepcopy(prototype)
+    with_lora.load_lora_weights(lora_dir, adapter_name="lora")
+    with_lora.load_spectral_shift(shifts["A"]["file"], "A")
+    both_image = image(with_lora)
+    assert not torch.equal(both_image, shifted_image)
+    with_lora.enable_sequential_cpu_offload(device="cpu")
+    _accelerate_hooks_on_plain_cpu(with_lora)
+    assert torch.equal(image(with_lora), both_image)
 
 
 def test_bfloat16_weight_builds_through_the_pipeline(pipe, shifts):
