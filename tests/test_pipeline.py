@@ -552,7 +552,7 @@ def _accelerate_hooks_on_plain_cpu(pipe):
 
 def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts, lora_dir):
     """`enable_sequential_cpu_offload` with shifts: the same images as without offloading, through load, weights,
-    hotswap, disable and unload, with offload enabled before or after loading; the rest of the pipeline stays offloaded (meta weights)."""
+    hotswap, fuse, disable and unload, with offload enabled before or after loading; the rest of the pipeline stays offloaded (meta weights)."""
     from svdiff_adapter.tuner import SpectralOffloadHook
 
     def image(pipe):
@@ -583,6 +583,9 @@ def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts, lora
     assert torch.equal(image(offloaded), half_image)
     offloaded.load_spectral_shift(shifts["B"]["file"], "A", hotswap=True)
     assert torch.equal(image(offloaded), swapped_image)
+    offloaded.fuse_spectral_shift()
+    assert torch.equal(image(offloaded), swapped_image)
+    offloaded.unfuse_spectral_shift()
     offloaded.disable_lora()
     assert torch.equal(image(offloaded), base_image)
     offloaded.enable_lora()
