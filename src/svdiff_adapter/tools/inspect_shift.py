@@ -28,8 +28,8 @@ def inspect_shift(source: ShiftSource, base: Optional[BaseSource] = None, *, svd
 
     Args:
         source (`str`, `os.PathLike` or `SpectralShiftFile`):
-            A file, a folder holding one (or svdiff-pytorch's two), or a Hub repo id (needs the Hub functions of
-            the pipeline issue).
+            A file, a folder holding one (or svdiff-pytorch's two), or a Hub repo id (downloaded through
+            huggingface_hub, as `pipe.load_spectral_shift` does).
         base (`str`, `nn.Module` or `dict[str, nn.Module]`, *optional*):
             A local base model folder, a model or `{component: model}`. With it the report is exact (module kinds
             from the modules, σ of every weight for the clip counts) and says whether the base matches the file's
