@@ -100,32 +100,27 @@ def make_unet(
     )
 
 
+# The noise schedule shared by training (DDPM) and sampling (DDIM).
+_NOISE_SCHEDULE = dict(
+    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+    beta_start=BETA_START,
+    beta_end=BETA_END,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+)
+
+
 def make_train_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=BETA_START,
-        beta_end=BETA_END,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return DDPMScheduler(**_NOISE_SCHEDULE)
 
 
 def make_sample_scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=BETA_START,
-        beta_end=BETA_END,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return DDIMScheduler(**_NOISE_SCHEDULE, set_alpha_to_one=False, steps_offset=1)
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
