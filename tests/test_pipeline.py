@@ -552,7 +552,8 @@ def _accelerate_hooks_on_plain_cpu(pipe):
 
 def test_sequential_cpu_offload_before_and_after_loading(prototype, shifts, lora_dir):
     """`enable_sequential_cpu_offload` with shifts: the same images as without offloading, through load, weights,
-    hotswap, fuse, disable and unload, with offload enabled before or after loading; the rest of the pipeline stays offloaded (meta weights)."""
+    hotswap, fuse / unfuse, disable and unload, with offload enabled before or after loading; the rest of the
+    pipeline stays offloaded (meta weights)."""
     from svdiff_adapter.tuner import SpectralOffloadHook
 
     def image(pipe):
