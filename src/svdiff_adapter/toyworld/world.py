@@ -425,7 +425,7 @@ def render(spec: Spec, rng: np.random.Generator, background_rgb: Optional[np.nda
     cx = (0.5 + rng.uniform(-0.10, 0.10)) * IMAGE_SIZE * S
     cy = (0.5 + rng.uniform(-0.10, 0.10)) * IMAGE_SIZE * S
     angle = math.radians(rng.uniform(-15.0, 15.0))
-    bg = _jitter_rgb(rng, BACKGROUND_RGB[spec.background], 8)
+    bg = _jitter_rgb(rng, BACKGROUND_RGB[spec.background], 8)  # drawn even when overridden: same rng stream after it
     bg = bg if background_rgb is None else background_rgb
     c1 = _jitter_rgb(rng, COLOR_RGB[spec.color], 14)
     c2 = _jitter_rgb(rng, COLOR_RGB[spec.color2], 14) if spec.color2 else c1

@@ -236,17 +236,23 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         dtype = self.spectral_build_dtype
         return (U.to(dtype) * scale.to(dtype)) @ Vh.to(dtype)
 
+    def _plus_factor_product(self, matrix: torch.Tensor, scale: torch.Tensor,
+                             columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """matrix (float32, m × n) + U·diag(scale)·Vᵀ; float32 builds take one BLAS call (addmm) and never form a
+        separate m × n product."""
+        if self.spectral_build_dtype != torch.float32:
+            return matrix + self._factor_product(scale, columns)
+        U, Vh = self.spectral_U, self.spectral_Vh
+        if columns is not None:
+            U, Vh = U[:, columns], Vh[columns]
+        return torch.addmm(matrix, U.to(torch.float32) * scale, Vh.to(torch.float32))
+
     def weight_with_shift(self, base_weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """W + ΔW in the base weight's dtype."""
         if self.uses_factors and not (torch.is_grad_enabled() and shift.requires_grad):
             change = torch.relu(self.spectral_S + shift) - self.spectral_S
             matrix = base_weight.reshape(1, -1) if base_weight.ndim == 1 else base_weight.reshape(base_weight.shape[0], -1)
-            if self.spectral_build_dtype == torch.float32:
-                # W + (U·c)·Vᵀ in one BLAS call (addmm), without a separate m × n ΔW.
-                fused = torch.addmm(matrix.to(torch.float32), self.spectral_U.to(torch.float32) * change,
-                                    self.spectral_Vh.to(torch.float32))
-            else:
-                fused = matrix.to(torch.float32) + self._factor_product(change)
+            fused = self._plus_factor_product(matrix.to(torch.float32), change)
             return fused.reshape(base_weight.shape).to(base_weight.dtype)
         delta = self.delta_from_shift(shift)
         if base_weight.dtype == torch.float32:
@@ -280,11 +286,8 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             fused.add_(self._adapter_delta_matrix(name), alpha=self.spectral_scaling[name])
         clipped_amount = torch.relu(-(self.spectral_S + shift))
         clipped = clipped_amount.nonzero().flatten()
-        if clipped.numel() and self.spectral_build_dtype == torch.float32:
-            fused.addmm_(self.spectral_U[:, clipped].to(torch.float32) * clipped_amount[clipped],
-                         self.spectral_Vh[clipped].to(torch.float32))
-        elif clipped.numel():
-            fused.add_(self._factor_product(clipped_amount[clipped], clipped))
+        if clipped.numel():
+            fused = self._plus_factor_product(fused, clipped_amount[clipped], clipped)
         return fused.reshape(base_weight.shape).to(base_weight.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
