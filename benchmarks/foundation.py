@@ -31,7 +31,8 @@ import torch
 from common import lora_state_dict, median_time, randomize_shifts, timed
 
 import svdiff_adapter as sa
-from svdiff_adapter.svd import SVDCache, weight_matrix
+from svdiff_adapter.spectral import weight_matrix
+from svdiff_adapter.svd import SVDCache
 from svdiff_adapter.tuner import resolve_targets, spectral_layers
 
 

@@ -39,7 +39,9 @@ def parse_args():
     parser.add_argument("--max_train_steps", type=int, default=ShiftRecipe.max_train_steps)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs"))
     parser.add_argument("--per_background", type=int, default=8, help="samples per background for the scores")
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread: the toy model's ops are tiny, so a second thread gains little, and when another process holds a
+    # core OpenMP's barrier waits make every step many times slower (docs/performance.md, "Threads").
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     return parser.parse_args()
 
 
@@ -63,6 +65,15 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], column_labels: list
         for column, image in enumerate(images):
             grid.paste(image.resize((cell, cell), Image.NEAREST), (label_width + column * cell, top))
     return grid
+
+
+def training_images(run_dir: Path) -> list[Image.Image]:
+    """The images the shift was trained on: the trainer's subjects are one folder per background,
+    `instance/<background>/*.png`. Raises rather than drawing an empty grid."""
+    paths = sorted((run_dir / "instance").glob("*/*.png"))
+    if not paths:
+        raise FileNotFoundError(f"No training images under {run_dir / 'instance'}.")
+    return [Image.open(path).convert("RGB") for path in paths]
 
 
 def main():
@@ -122,8 +133,7 @@ def main():
     )
     out.mkdir(parents=True, exist_ok=True)
     grid.save(out / "quickstart.png")
-    training_images = [Image.open(p).convert("RGB") for p in sorted((run_dir / "instance").glob("*.png"))]
-    labelled_grid([("training images", training_images)], []).save(out / "quickstart_training_images.png")
+    labelled_grid([("training images", training_images(run_dir))], []).save(out / "quickstart_training_images.png")
 
     shift_file = run_dir / "spectral_shift_weights.safetensors"
     metrics = {

@@ -221,6 +221,15 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
         prepare_image(tmp_path / "missing.png", multiple=8)
 
 
+def test_extreme_aspect_ratios_and_huge_images_are_refused():
+    # The shorter side goes to the resolution and the shape is kept: 4000×2 would be edited at 64000×32.
+    with pytest.raises(TrainingDataError, match=r"to edit is 4000×2; its sides may differ by a factor of at most 4"):
+        prepare_image(Image.new("RGB", (4000, 2)), multiple=8, resolution=32)
+    with pytest.raises(TrainingDataError, match=r"to edit is 10000×10000 \(100,000,000 pixels\), more than"):
+        prepare_image(Image.new("1", (10000, 10000)), multiple=8)  # 1 bit per pixel: cheap to make
+    assert prepare_image(Image.new("RGB", (128, 32)), multiple=8, resolution=16).size == (64, 16)  # 4:1 is fine
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_edit_image_fine_tunes_edits_and_writes_files(tmp_path):
     pipe = tiny_pipeline()
@@ -265,6 +274,11 @@ def test_edit_image_rejects_bad_option_combinations():
         edit_image(pipe, image, "a cat", "a dog", invert=False, slerp_alpha=0.5, progress=False)
     with pytest.raises(ValueError, match="source prompt"):
         edit_image(pipe, image, None, "a dog", progress=False)
+    for option, value in (("num_inference_steps", 0), ("resolution", 0), ("guidance_scale", float("nan"))):
+        with pytest.raises(ValueError, match=f"`{option}` should be >= "):
+            edit_image(pipe, image, "a cat", "a dog", progress=False, **{option: value})
+    with pytest.raises(ValueError, match="`num_inference_steps` should be >= 1"):
+        ddim_sample(pipe, random_latents((1, 4, 4, 4)), ["a dog"], num_inference_steps=0, progress=False)
     sa.add_spectral_shift(pipe.unet, sa.SpectralShiftConfig(), "cosine", svd_cache=False)
     with pytest.raises(ValueError, match="already in use"):
         edit_image(pipe, image, "a cat", "a dog", progress=False)

@@ -69,13 +69,24 @@ def test_metadata_is_json_in_the_safetensors_header(tmp_path):
     assert len(fingerprint["conv_in"]) == 4
 
 
-def test_base_model_given_as_a_path_is_written_as_text(tmp_path):
-    # A pipeline loaded from a pathlib.Path reports its name_or_path as a Path (CoSINE records it as base_model).
+@pytest.mark.parametrize("local", [
+    lambda tmp: tmp / "base",  # a pipeline loaded from a pathlib.Path reports its name_or_path as a Path
+    lambda tmp: str(tmp / "base"),
+    lambda tmp: "./models/sd15",
+    lambda tmp: "~/models/sd15",
+])
+def test_a_local_base_model_path_is_not_recorded(tmp_path, local):
+    """A path says nothing on another machine (and leaks the user's folders); the fingerprints identify the base."""
     _, path, _ = trained_shift(tmp_path)
     shift = load_shift_file(path)
-    shift.base_model, shift.base_revision = tmp_path / "base", "main"
+    shift.base_model, shift.base_revision = local(tmp_path), "main"
     sa.save_shift_file(shift, tmp_path / "copy.safetensors")
-    assert load_shift_file(tmp_path / "copy.safetensors").base_model == str(tmp_path / "base")
+    copy = load_shift_file(tmp_path / "copy.safetensors")
+    assert copy.base_model is None and copy.base_revision is None
+    shift.base_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    sa.save_shift_file(shift, tmp_path / "copy.safetensors")
+    copy = load_shift_file(tmp_path / "copy.safetensors")
+    assert copy.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and copy.base_revision == "main"
 
 
 def test_float16_storage_error_is_bounded(tmp_path):
@@ -264,7 +275,8 @@ def test_failed_load_into_a_model_with_adapters_keeps_them(saved):
     assert torch.equal(unet_output(unet), expected)
 
 
-def test_save_is_atomic_and_leaves_no_temporary_files(saved, tmp_path):
+def test_save_leaves_no_temporary_files_and_gives_the_usual_permissions(saved, tmp_path):
+    """(Atomicity itself: tests/test_atomic.py kills a writer mid-write.)"""
     unet, path, _ = saved
     before = sorted(p.name for p in tmp_path.iterdir())
     sa.save_spectral_shift(path, {"unet": unet}, "a")  # overwrite in place
@@ -289,3 +301,92 @@ def test_model_level_round_trip_on_a_bare_model(tmp_path):
     sa.load_spectral_shift(fresh, path, "a", svd_cache=False)
     with torch.no_grad():
         assert torch.equal(fresh(mixed_inputs()), expected)
+
+
+# ------------------------------------------------------------------------------- metadata and tensor types
+def _rewrite(tmp_path, path, name="edited.safetensors", tensors=None, **metadata_changes):
+    """A copy of a saved file with some metadata fields (or tensors) replaced."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        original = {key: handle.get_tensor(key) for key in handle.keys()}
+    for key, value in metadata_changes.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    target = tmp_path / name
+    save_file(tensors if tensors is not None else original, str(target), metadata=metadata)
+    return target, original
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("components", '{"unet": 1}', "'components' should be a JSON list"),
+    ("components", "[1, 2]", "'components' should be a list of names"),
+    ("config", "[]", "'config' should be a JSON dict"),
+    ("config", '{"unet": "elementwise"}', "'config' of 'unet' should be an object"),
+    ("config", '{"unet": {"norm_mode": 3}}', "'norm_mode' should be a str"),
+    ("fingerprint", '"abc"', "'fingerprint' should be a JSON dict"),
+    ("fingerprint", '{"unet": {"conv_in": "big"}}', "conv_in' should be a list of numbers"),
+    ("fingerprint", '{"unet": []}', "'fingerprint' of 'unet' should be an object"),
+    ("format_version", "²", "format version '²'"),
+    ("format_version", "", "format version ''"),
+])
+def test_metadata_of_the_wrong_type_names_the_field(saved, tmp_path, field, value, message):
+    _, path, _ = saved
+    edited, _ = _rewrite(tmp_path, path, **{field: value})
+    with pytest.raises(SpectralShiftFormatError, match=message):
+        load_shift_file(edited)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8, torch.float8_e4m3fn, torch.complex64])
+def test_shifts_of_a_non_float_dtype_are_refused(saved, tmp_path, dtype):
+    _, path, _ = saved
+    _, original = _rewrite(tmp_path, path)
+    first = sorted(original)[0]
+    tensors = dict(original)
+    tensors[first] = torch.ones_like(original[first]).to(dtype)
+    edited, _ = _rewrite(tmp_path, path, tensors=tensors)
+    with pytest.raises(SpectralShiftFormatError, match=rf"{first!r} has dtype {dtype}"):
+        load_shift_file(edited)
+
+
+def test_only_float_storage_dtypes_are_written(saved, tmp_path):
+    unet, path, _ = saved
+    with pytest.raises(ValueError, match="torch.float32, torch.float16 or torch.bfloat16, not torch.int8"):
+        sa.save_spectral_shift(tmp_path / "int8.safetensors", {"unet": unet}, "a", dtype=torch.int8)
+    assert not (tmp_path / "int8.safetensors").exists()
+    sa.save_spectral_shift(tmp_path / "bf16.safetensors", {"unet": unet}, "a", dtype=torch.bfloat16)
+    assert load_shift_file(tmp_path / "bf16.safetensors").num_parameters == load_shift_file(path).num_parameters
+
+
+def test_a_file_without_fingerprints_is_refused_but_its_state_dict_loads_unchecked(saved, tmp_path):
+    """Without fingerprints nothing could tell another base model; the user can still load the tensors knowingly."""
+    _, path, expected = saved
+    for edit in ({"fingerprint": None}, {"fingerprint": '{"unet": {"conv_in": [1.0, 1.0, 1.0, 1.0]}}'}):
+        edited, tensors = _rewrite(tmp_path, path, **edit)
+        fresh = tiny_unet()
+        _expect_rejected(fresh, lambda: sa.load_spectral_shift({"unet": fresh}, edited),
+                         "records no base-model fingerprint")
+    fresh = tiny_unet()
+    pipe_like = {"unet": fresh}
+    from svdiff_adapter.format import parse_in_memory
+
+    sa.load_spectral_shift(pipe_like, parse_in_memory(tensors), "a", svd_cache=False)
+    assert torch.allclose(unet_output(fresh), expected, atol=1e-6)
+
+
+def test_a_subset_of_components_loads_on_request(tmp_path):
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
+    for model in (unet, text_encoder):
+        sa.add_spectral_shift(model, SpectralShiftConfig(init_scale=0.1), "a", svd_cache=False)
+    path = tmp_path / "both.safetensors"
+    sa.save_spectral_shift(path, {"unet": unet, "text_encoder": text_encoder}, "a")
+    fresh = tiny_unet()
+    with pytest.raises(SpectralShiftFormatError, match="components="):
+        sa.load_spectral_shift_adapter({"unet": fresh}, path)
+    sa.load_spectral_shift_adapter(fresh, path, components=["unet"], svd_cache=False)
+    assert torch.allclose(unet_output(fresh), unet_output(unet), atol=1e-6)
+    with pytest.raises(SpectralShiftFormatError, match="no component"):
+        sa.load_spectral_shift_adapter(tiny_unet(), path, components=["vae"])

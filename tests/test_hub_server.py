@@ -327,6 +327,7 @@ def test_raw_http_protocol_details(local_hub, pushed_repo):
     assert error_of(f"{base}/config.json", {"Authorization": "Bearer hf_bogus"}) == (401, None)
 
 
+@pytest.mark.slow
 def test_offline_mode_reuses_filled_cache_in_subprocess(local_hub, pushed_repo, tmp_path):
     repo_id = pushed_repo["repo_id"]
     cache = tmp_path / "hub-cache"
@@ -363,6 +364,7 @@ def test_offline_mode_reuses_filled_cache_in_subprocess(local_hub, pushed_repo, 
     assert len(local_hub.request_log) == n_requests  # offline: the server saw nothing
 
 
+@pytest.mark.slow
 def test_retarget_after_import_fallback_in_subprocess(tmp_path):
     """If huggingface_hub is imported before the plugin, the plugin patches it; pull/push still work."""
     code = textwrap.dedent(
@@ -433,6 +435,7 @@ def test_diffusers_push_to_hub_and_from_pretrained(diffusers_unet_on_hub, local_
         assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_diffusers_from_pretrained_offline_in_subprocess(diffusers_unet_on_hub):
     """HF_HUB_OFFLINE must be set before diffusers is imported => subprocess; the server is made unreachable."""
     from diffusers import UNet2DConditionModel  # noqa: PLC0415

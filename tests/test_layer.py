@@ -474,13 +474,23 @@ def test_layers_expose_the_wrapped_modules_shape_attributes():
     model = Mixed()
     raw = {name: module for name, module in model.named_modules()}
     add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS), svd_cache=False)
-    checked = 0
+    # in_features / out_features as PEFT's own layers report them (PEFT's code and tests read them on every layer).
+    expected_features = {
+        nn.Linear: lambda m: (m.in_features, m.out_features),
+        nn.Conv2d: lambda m: (m.in_channels, m.out_channels),
+        nn.Embedding: lambda m: (m.num_embeddings, m.embedding_dim),
+        nn.LayerNorm: lambda m: (m.normalized_shape[0], m.normalized_shape[0]),
+        nn.GroupNorm: lambda m: (m.num_channels, m.num_channels),
+    }
+    checked, kinds = 0, set()
     for name, layer in spectral_layers(model):
-        assert layer.mirrored_attributes
+        kind = type(raw[name])
+        kinds.add(kind)
+        assert (layer.in_features, layer.out_features) == expected_features[kind](raw[name]), name
         for attribute in layer.mirrored_attributes:
             assert getattr(layer, attribute) == getattr(raw[name], attribute), (name, attribute)
             checked += 1
-    assert checked >= 10
+    assert checked >= 8 and kinds == set(expected_features)
 
 
 def test_bfloat16_build_rounds_only_the_change_and_keeps_the_exact_paths():
@@ -533,3 +543,92 @@ def test_bfloat16_build_with_the_switch_cache_matches_the_direct_build():
         switched = layer.effective_weight()
     change = (direct - layer.base_layer.weight).abs().max()
     assert (switched - direct).abs().max() < 2e-2 * change
+
+
+@pytest.mark.parametrize("norm_mode", ["scalar", "elementwise"])
+def test_switch_cache_with_norm_shifts_matches_the_reference(norm_mode):
+    """Scalar-mode norms (how svdiff-pytorch files load) are 1 × C matrices; the switch cache once reshaped their
+    weight as C × 1 and crashed on the first new weight."""
+    model = Mixed()
+    config = SpectralShiftConfig(target_kinds=["norm"], norm_mode=norm_mode)
+    add_spectral_shift(model, config, "dog", svd_cache=False)
+    add_spectral_shift(model, config, "cat", svd_cache=False)
+    peft.tuners.tuners_utils.set_adapter(model, ["dog", "cat"])
+    for index, (_, layer) in enumerate(spectral_layers(model)):
+        set_shift(layer, "dog", random_shift(layer, seed=index))
+        set_shift(layer, "cat", random_shift(layer, seed=index + 10))
+        layer.enable_switch_cache(True)
+    for weights in [(1.0, 0.0), (0.25, 0.75), (0.6, 0.4)]:
+        for _, layer in spectral_layers(model):
+            layer.set_scale("dog", weights[0])
+            layer.set_scale("cat", weights[1])
+            shift = weights[0] * layer.spectral_delta["dog"].detach() + weights[1] * layer.spectral_delta["cat"].detach()
+            expected = reference_weight(layer.base_layer.weight, shift, "elementwise" if norm_mode == "elementwise"
+                                        else "matrix")
+            with torch.no_grad():
+                built = layer.effective_weight()
+            assert (built.double() - expected).abs().max() < 2e-3 * max(float(shift.abs().max()), 1e-3)
+
+
+def test_factor_dtype_float32_reproduces_the_float64_formula_more_closely_at_twice_the_memory():
+    def build(factor_dtype):
+        model = Mixed()
+        add_spectral_shift(model, SpectralShiftConfig(target_kinds=ALL_KINDS, norm_mode="scalar",
+                                                      factor_dtype=factor_dtype), "a", svd_cache=False)
+        return model
+
+    half, full = build("float16"), build(torch.float32)
+    errors, sizes = {}, {}
+    for name, model in (("float16", half), ("float32", full)):
+        worst, size = 0.0, 0
+        for index, (_, layer) in enumerate(spectral_layers(model)):
+            assert layer.factor_dtype == getattr(torch, name) and layer.spectral_Vh.dtype == getattr(torch, name)
+            shift = random_shift(layer, seed=index)
+            set_shift(layer, "a", shift)
+            change = reference_weight(layer.base_layer.weight, shift) - layer.base_layer.weight.double()
+            with torch.no_grad():
+                error = (layer.effective_weight().double() - layer.base_layer.weight.double() - change).abs().max()
+            worst = max(worst, float(error / change.abs().max()))
+            size += layer.spectral_U.numel() * layer.spectral_U.element_size()
+        errors[name], sizes[name] = worst, size
+    assert errors["float32"] < 1e-5 < errors["float16"] < 2e-3
+    assert sizes["float32"] == 2 * sizes["float16"]
+    with pytest.raises(ValueError, match="factor_dtype"):
+        add_spectral_shift(half, SpectralShiftConfig(target_kinds=ALL_KINDS, norm_mode="scalar",
+                                                     factor_dtype="float32"), "b", svd_cache=False)
+    with pytest.raises(ValueError, match="`factor_dtype` should be one of"):
+        SpectralShiftConfig(factor_dtype="int8")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "0.5", None])
+def test_non_finite_adapter_weights_are_refused_before_anything_changes(bad):
+    model, layer, dog, cat = _two_adapters()
+    peft.tuners.tuners_utils.set_adapter(model, ["dog"])
+    before = dict(layer.spectral_scaling)
+    with pytest.raises(ValueError, match="finite number"):
+        layer.set_scale("dog", bad)
+    with pytest.raises(ValueError, match="finite number"):
+        layer.scale_layer(bad)
+    assert layer.spectral_scaling == before
+    with torch.no_grad():
+        assert torch.isfinite(layer(module_inputs()["proj"])).all()
+
+
+def test_an_adapter_loaded_after_a_merge_applies_on_top_inside_the_same_relu():
+    """Merged shifts stay in the weight; an adapter activated later joins them inside the ReLU (as if both were
+    active unmerged), and unmerge still restores W bit for bit."""
+    model, layer, dog, cat = _two_adapters()
+    original = layer.base_layer.weight.detach().clone()
+    x = module_inputs()["proj"]
+    layer.set_adapter(["dog"])
+    layer.merge()
+    layer.set_adapter(["dog", "cat"])  # what loading cat does after dog was fused
+    with torch.no_grad():
+        both = layer(x)
+    expected = reference_forward(layer.base_layer, x, reference_weight(original, dog + cat))
+    assert (both.double() - expected.double()).abs().max() < 2e-3 * float((dog + cat).abs().max())
+    layer.set_adapter(["dog"])
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.base_layer.weight, layer.base_layer.bias))
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)

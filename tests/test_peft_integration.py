@@ -174,3 +174,109 @@ def test_offload_spectral_layers_refuses_weights_it_cannot_restore():
     model.to("meta")
     with pytest.raises(ValueError, match="meta device"):
         sa.offload_spectral_layers(model, "cpu")
+
+
+# ------------------------------------------------------------------------------------ PEFT's own conventions
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lin1 = torch.nn.Linear(16, 16)
+        self.lin2 = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.lin2(self.lin1(self.attention(x, x, x, need_weights=False)[0]))
+
+
+def test_multihead_attention_out_proj_is_never_shifted_because_its_weight_is_read_directly():
+    """nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward: a wrapper would be bypassed,
+    so the catch-all leaves it alone and naming it explicitly is refused."""
+    model = _Attention()
+    sa.add_spectral_shift(model, SpectralShiftConfig(init_scale=0.1), "a", svd_cache=False)
+    shifted = {name for name, module in model.named_modules() if isinstance(module, SpectralShiftLayer)}
+    assert shifted == {"lin1", "lin2"}
+    assert isinstance(model.attention.out_proj, torch.nn.Linear)
+    with pytest.raises(ValueError, match="MultiheadAttention reads out_proj.weight directly"):
+        sa.add_spectral_shift(_Attention(), SpectralShiftConfig(target_modules=["out_proj"]), "a", svd_cache=False)
+
+
+def test_modules_to_save_train_and_save_the_classifier_head_as_in_lora():
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+
+    def classifier_model():
+        torch.manual_seed(0)
+        return get_peft_model(BertForSequenceClassification(config),
+                              SpectralShiftConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+
+    model = classifier_model()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save" in name for name in trainable)
+    assert any("spectral_delta" in name for name in trainable)
+    assert not any(isinstance(m, SpectralShiftLayer) for n, m in model.named_modules() if "classifier" in n)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.add_(1.0)
+    state = get_peft_model_state_dict(model)
+    assert any(key.endswith("classifier.weight") for key in state)
+    fresh = classifier_model()
+    set_peft_model_state_dict(fresh, state)
+    assert torch.equal(fresh.base_model.model.classifier.modules_to_save["default"].weight, head.weight)
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    fresh.eval(), model.eval()  # no dropout
+    assert torch.equal(fresh(input_ids=tokens).logits, model(input_ids=tokens).logits)
+
+
+def test_exclude_modules_that_exclude_something_do_not_warn():
+    import warnings
+
+    model = _Attention()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sa.add_spectral_shift(model, SpectralShiftConfig(exclude_modules=["lin1"]), "a", svd_cache=False)
+    assert not [w for w in caught if "no modules were excluded" in str(w.message)]
+    assert not isinstance(model.lin1, SpectralShiftLayer) and isinstance(model.lin2, SpectralShiftLayer)
+    with pytest.warns(UserWarning, match="no modules were excluded"):
+        sa.add_spectral_shift(_Attention(), SpectralShiftConfig(exclude_modules=["nothing_here"]), "a",
+                              svd_cache=False)
+
+
+@pytest.mark.parametrize("target_modules", [None, ["proj_in", "proj_out", "to_q", "to_k", "to_v", "conv1"]])
+def test_layers_to_transform_selects_layers_as_lora_does(target_modules):
+    """LoRA's matcher (PEFT's `check_target_module_exists`) is the reference for which modules a layer index
+    selects; with `target_modules=None` spectral shifts apply the same rule to every module of the target kinds."""
+    from peft import LoraConfig
+
+    unet = tiny_unet()
+    options = dict(layers_to_transform=[1], layers_pattern="down_blocks")
+    config = SpectralShiftConfig(target_modules=target_modules, **options)
+    sa.add_spectral_shift(unet, config, "a", svd_cache=False)
+    shifted = {name for name, m in unet.named_modules() if isinstance(m, SpectralShiftLayer)}
+    assert shifted and all(name.startswith("down_blocks.1.") for name in shifted)
+    reference = LoraConfig(target_modules=target_modules or [name.rsplit(".", 1)[-1] for name in shifted], **options)
+    everything = {name for name, m in tiny_unet().named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    lora_selected = {name for name in everything if peft.tuners.tuners_utils.check_target_module_exists(reference, name)}
+    assert shifted == lora_selected
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        SpectralShiftConfig(target_modules=r".*to_q", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="`layers_to_transform` must also be specified"):
+        SpectralShiftConfig(layers_pattern="down_blocks")
+
+
+def test_autocast_adapter_dtype_keeps_delta_in_float32_by_default_and_in_the_weights_dtype_when_off():
+    from peft import get_peft_model
+
+    model = _Attention().to(torch.bfloat16)
+    default = get_peft_model(model, SpectralShiftConfig(target_modules=["lin1"]))
+    assert default.base_model.model.lin1.spectral_delta["default"].dtype == torch.float32
+    off = get_peft_model(_Attention().to(torch.bfloat16), SpectralShiftConfig(target_modules=["lin1"]),
+                         autocast_adapter_dtype=False)
+    delta = off.base_model.model.lin1.spectral_delta["default"]
+    assert delta.dtype == torch.bfloat16 and delta.requires_grad
+    x = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    off(x).float().square().mean().backward()
+    assert delta.grad is not None and delta.grad.dtype == torch.bfloat16

@@ -212,7 +212,7 @@ def test_switch_cache_rebuilds_linearly_and_matches_the_relu_reference(prototype
         assert_close(got, outputs(reference(prototype, [(weights[0], a), (weights[1], b)])))
         assert_close(got, outputs(direct), rtol=1e-5)  # same maths, different float rounding
     layer = pipe.unet.get_submodule(UNET_MODULES[3])
-    assert set(layer._spectral_adapter_deltas) == {"A", "B"}  # the memory it costs: one matrix per adapter
+    assert set(layer.spectral_cache.adapter_matrices) == {"A", "B"}  # the memory it costs: one matrix per adapter
 
     # A hotswap changes δ in place: the cached matrix follows.
     pipe.load_spectral_shift(shifts["A"]["file"], "B", hotswap=True)
@@ -220,9 +220,9 @@ def test_switch_cache_rebuilds_linearly_and_matches_the_relu_reference(prototype
     assert_close(outputs(pipe), outputs(reference(prototype, [(1.0, a)])))
 
     pipe.delete_adapters("B")
-    assert set(layer._spectral_adapter_deltas) == {"A"}
+    assert set(layer.spectral_cache.adapter_matrices) == {"A"}
     pipe.disable_spectral_switch_cache()
-    assert not layer._spectral_adapter_deltas and not layer.spectral_switch_cache
+    assert not layer.spectral_cache.adapter_matrices and not layer.spectral_cache.switch_enabled
 
 
 def test_per_component_and_per_block_weights(prototype, shifts, pipe):
@@ -260,6 +260,11 @@ def test_set_adapters_bad_input_leaves_pipeline_unchanged(shifts, pipe):
         (["A"], [{"unet": {"up": {"block_0": [1.0, 2.0, 3.0]}}}], "2 layer"),
         (["A"], [{"text_encoder": {"down": 1.0}}], "only a UNet"),
         (["A"], ["high"], "should be a number"),
+        (["A"], [float("nan")], "finite number"),
+        (["A", "B"], [1.0, -float("inf")], "finite number"),
+        (["A"], [{"unet": {"mid": float("nan")}}], "finite number"),
+        (["A"], [{"unet": {"up": {"block_1": [1.0, float("inf")]}}}], "finite number"),
+        (["A"], [{"text_encoder": float("nan")}], "finite number"),
     ]
     for names, weights, message in bad_calls:
         with pytest.raises(ValueError, match=message):
@@ -411,8 +416,64 @@ def test_bad_input_raises_and_leaves_the_pipeline_unchanged(shifts, lora_dir, pi
     other_modules = {"unet": {"conv_out": torch.zeros(4)}}
     with pytest.raises(ValueError, match="not shifted by"):
         pipe.load_spectral_shift(other_modules, "A", hotswap=True)
+    nan = {c: {m: torch.full_like(d, float("nan")) for m, d in mods.items()} for c, mods in shifts["B"]["deltas"].items()}
+    with pytest.raises(SpectralShiftFormatError, match="NaN or inf"):
+        pipe.load_spectral_shift(nan, "A", hotswap=True)
+    with pytest.raises(SpectralShiftFormatError, match="holds a list, not a tensor"):
+        pipe.load_spectral_shift({"unet.conv_in.spectral_delta": [0.0] * 4})
+    with pytest.raises(SpectralShiftFormatError, match="dtype torch.int64"):
+        pipe.load_spectral_shift({"unet.conv_in.spectral_delta": torch.zeros(4, dtype=torch.int64)})
+    with pytest.raises(SpectralShiftNotFoundError, match="Give a file, a folder or a Hub repo id"):
+        pipe.load_spectral_shift("")
+    for name in ["", "a.b", "to", "__class__", "keys", 3]:
+        with pytest.raises(ValueError, match="Invalid adapter name"):
+            pipe.load_spectral_shift(shifts["B"]["file"], name)
+    with pytest.raises(ValueError, match="load it with `pipe.load_spectral_shift"):
+        pipe.load_lora_weights(shifts["B"]["file"])
+    with pytest.raises(ValueError, match="load it with `pipe.load_spectral_shift"):
+        pipe.load_lora_weights(shifts["B"]["file"].parent)
+    with pytest.raises(ValueError, match="load it with `pipe.load_spectral_shift"):
+        pipe.load_lora_weights({f"unet.{m}.spectral_delta": d for m, d in shifts["B"]["deltas"]["unet"].items()})
     assert_pipe_unchanged(pipe, snaps)
     assert pipe.get_list_adapters() == adapters
+
+
+def test_loading_after_a_fuse_keeps_the_fused_shift_fused_and_adds_on_top(prototype, shifts, pipe):
+    """The new shift joins the fused one inside the ReLU; `fused_loras` (diffusers' view) stays truthful."""
+    pipe.load_spectral_shift(shifts["A"]["file"], "A")
+    pipe.fuse_spectral_shift()
+    fused_weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "base_layer.weight" in n}
+    assert pipe.fused_loras == {"A"}
+    pipe.load_spectral_shift(shifts["B"]["file"], "B")
+    assert pipe.fused_loras == {"A"}
+    for name, parameter in pipe.unet.named_parameters():
+        if name in fused_weights:
+            assert torch.equal(parameter, fused_weights[name]), name  # still fused, untouched
+    assert pipe.get_active_adapters() == ["B"]
+    both = outputs(pipe)
+    reference = copy.deepcopy(prototype)
+    reference.load_spectral_shift(shifts["A"]["file"], "A")
+    reference.load_spectral_shift(shifts["B"]["file"], "B")
+    reference.set_adapters(["A", "B"])
+    for got, want in zip(both, outputs(reference)):
+        assert torch.allclose(got, want, atol=1e-5)
+    pipe.unload_spectral_shift()
+    assert pipe.fused_loras == set()
+    for got, want in zip(outputs(pipe), outputs(prototype)):
+        assert torch.equal(got, want)
+
+
+def test_safe_fusing_refuses_an_overflowing_fuse_with_nothing_fused(prototype, pipe):
+    """A float16 weight can overflow when a shift grows a singular value; safe_fusing finds it before writing."""
+    pipe.unet.to(torch.float16)
+    name = UNET_MODULES[2]
+    sigma = _sigma(pipe.unet.get_submodule(name))
+    pipe.load_spectral_shift({"unet": {name: torch.full((sigma.numel(),), 1e6)}}, "big")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    with pytest.raises(ValueError, match="nothing was fused"):
+        pipe.fuse_spectral_shift(safe_fusing=True)
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+    assert pipe.fused_loras == set()
 
 
 def test_lora_file_path_is_named_a_lora(lora_dir, pipe):

@@ -1,11 +1,12 @@
 """The SVD engine: correct factors, the on-disk cache (never stale, self-healing, safe under concurrency)."""
 
-import multiprocessing
+import os
 
 import pytest
 import torch
 
-from svdiff_adapter.svd import FACTOR_DTYPE, SVDCache, compute_factors, decompose, resolve_cache, weight_key, weight_matrix
+from svdiff_adapter.spectral import weight_matrix
+from svdiff_adapter.svd import FACTOR_DTYPE, SVDCache, compute_factors, decompose, resolve_cache, weight_key
 
 
 @pytest.mark.parametrize("shape", [(40, 40), (24, 90), (90, 24), (1, 17)])
@@ -63,29 +64,67 @@ def test_corrupt_cache_entry_is_ignored_and_rebuilt(tmp_path, caplog):
     assert "corrupt" in caplog.text
     entry.write_bytes(b"garbage")
     assert torch.equal(compute_factors({"w": weight}, cache=cache)["w"].S, good.S)
-    assert SVDCache(tmp_path).get(weight_key(weight), (20, 30)) is not None  # healed on disk
+    assert SVDCache(tmp_path).get(weight_key(weight), weight) is not None  # healed on disk
 
 
-def _write_entry(directory, seed, barrier):
-    torch.manual_seed(seed)
-    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-    barrier.wait()
-    for _ in range(20):
-        SVDCache(directory).put(weight_key(weight), decompose(weight))
+def _interrupted_save(tensors, path, metadata=None):
+    """safetensors' save_file that dies halfway: half the bytes of the real file, then an interruption."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    raise KeyboardInterrupt
 
 
-def test_concurrent_writers_do_not_corrupt_entries(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(3)
-    workers = [context.Process(target=_write_entry, args=(str(tmp_path), i, barrier)) for i in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(600)  # generous: spawning three torch processes is slow on a loaded machine
-        assert worker.exitcode == 0
-    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-    assert SVDCache(tmp_path).get(weight_key(weight), (64, 48)) is not None
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+def test_an_interrupted_cache_write_leaves_the_entry_as_it_was(tmp_path, monkeypatch):
+    """A writer killed mid-write must never leave a partial entry under the entry's name."""
+    cache = SVDCache(tmp_path)
+    weight = torch.randn(64, 48)
+    good = compute_factors({"w": weight}, cache=cache)["w"]
+    entry = cache._path(weight_key(weight))
+    before = entry.read_bytes()
+    monkeypatch.setattr("svdiff_adapter.atomic.save_file", _interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put(weight_key(weight), good)
+    assert entry.read_bytes() == before
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary file left behind
+    monkeypatch.undo()
+    assert torch.equal(SVDCache(tmp_path).get(weight_key(weight), weight).U, good.U)
+
+
+def test_an_entry_must_belong_to_the_weight_it_is_read_for(tmp_path, caplog):
+    """An entry copied over another same-shaped weight's entry is rejected and the right factors recomputed."""
+    cache = SVDCache(tmp_path)
+    first, second = torch.randn(20, 30), torch.randn(20, 30)
+    compute_factors({"a": first, "b": second}, cache=cache)
+    path_first, path_second = cache._path(weight_key(first)), cache._path(weight_key(second))
+    path_first.write_bytes(path_second.read_bytes())
+    factors = compute_factors({"a": first}, cache=cache)["a"]
+    assert torch.allclose(factors.S.double(), torch.linalg.svdvals(first.double()), rtol=1e-5)
+    assert "another weight" in caplog.text
+
+
+def _unusable_cache(tmp_path, kind):
+    cache = SVDCache(tmp_path / "cache")
+    weight = torch.randn(20, 30)
+    if kind == "a file in place of the folder":
+        (tmp_path / "cache").write_text("not a folder")
+    elif kind == "a folder in place of the entry":
+        cache._path(weight_key(weight)).mkdir(parents=True)
+    elif kind == "a FIFO in place of the entry":
+        cache._path(weight_key(weight)).parent.mkdir(parents=True)
+        os.mkfifo(cache._path(weight_key(weight)))
+    return cache, weight
+
+
+@pytest.mark.parametrize("kind", ["a file in place of the folder", "a folder in place of the entry",
+                                  "a FIFO in place of the entry"])
+def test_an_unusable_cache_costs_a_warning_not_the_result(tmp_path, caplog, kind):
+    cache, weight = _unusable_cache(tmp_path, kind)
+    factors = compute_factors({"w": weight}, cache=cache)["w"]  # a FIFO must not be opened (it would block)
+    assert torch.allclose(factors.S.double(), torch.linalg.svdvals(weight.double()), rtol=1e-5)
+    assert str(cache.directory) in caplog.text or "not a regular file" in caplog.text
 
 
 def test_cache_switches(tmp_path, monkeypatch):

@@ -70,3 +70,33 @@ def test_scale_half_is_not_a_blend_of_outputs(models):
     with torch.no_grad():
         ours = models["unet"](inputs["unet.sample"], inputs["unet.timestep"], inputs["unet.encoder_hidden_states"]).sample
     assert (ours - half).abs().max() < (ours - blend).abs().max() / 5
+
+
+def test_float32_factors_reproduce_svdiff_pytorch_to_float32_round_off():
+    """`factor_dtype=torch.float32` trades twice the factor memory for svdiff-pytorch's own precision: weights
+    within 2⁻¹⁶ of σ_max (float16 factors: 2⁻¹¹) and outputs within 1e-5 of the range (float16: 5e-3)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(FIXTURE / "base" / "unet").eval()
+    text_encoder = CLIPTextModel.from_pretrained(FIXTURE / "base" / "text_encoder").eval()
+    components = {"unet": unet, "text_encoder": text_encoder}
+    for name in ("spectral_shifts.safetensors", "spectral_shifts_te.safetensors"):
+        sa.load_spectral_shift_adapter(components, FIXTURE / name, "legacy", svd_cache=False,
+                                       factor_dtype=torch.float32)
+    reference = load_file(str(FIXTURE / "reference_scale1.safetensors"))
+    sigma = load_file(str(FIXTURE / "svd_sigma.safetensors"))
+    inputs = load_file(str(FIXTURE / "inputs.safetensors"))
+    for component, model in components.items():
+        prefix = "text_model." if component == "text_encoder" else ""
+        for name, layer in spectral_layers(model):
+            assert layer.factor_dtype in (torch.float32, None)
+            with torch.no_grad():
+                error = (layer.effective_weight() - reference[f"{component}.effective.{prefix}{name}.weight"]).abs()
+            assert error.max() <= 2**-16 * float(sigma[f"{component}.{prefix}{name}"].max()) + 1e-6, name
+    with torch.no_grad():
+        sample = unet(inputs["unet.sample"], inputs["unet.timestep"], inputs["unet.encoder_hidden_states"]).sample
+        hidden = text_encoder(inputs["text_encoder.input_ids"]).last_hidden_state
+    for ours, expected in ((sample, reference["unet.out.sample"]),
+                           (hidden, reference["text_encoder.out.last_hidden_state"])):
+        assert (ours - expected).abs().max() < 1e-5 * expected.abs().max()

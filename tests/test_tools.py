@@ -158,8 +158,8 @@ def test_merge_interpolate_and_block_selection(tmp_path):
 def test_merge_refuses_other_bases_and_bad_options(tmp_path):
     path_a, _ = save_shift(tmp_path, 1)
     path_b, _ = save_shift(tmp_path, 2, base_model="other/model")
-    with pytest.raises(ToolError, match="different base models"):
-        merge_shifts([path_a, path_b])
+    # Same base weights under another id (a mirror, a local copy): the fingerprints decide, and they agree.
+    assert merge_shifts([path_a, path_b]).base_model is None
     shifted = shifted_unet(3)
     shifted_other = other_base()
     sa.add_spectral_shift(shifted_other, SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"]), "a",
@@ -301,8 +301,10 @@ def test_export_lora_error_grows_as_rank_shrinks(tmp_path):
     # Energy mode: per layer the smallest rank keeping 90% of ‖ΔW‖².
     by_energy = export_lora(path, tiny_unet(), energy=0.9, svd_cache=False)
     assert all(v["relative_error"] <= (0.1 ** 0.5) + 1e-6 for v in by_energy.layers.values())
-    # Rank from the shapes: a rank-2 layer's lora_B is (out, 2).
-    assert errors[2].state_dict[f"{layer}.lora_B.weight"].shape[1] == 2
+    # Rank from the shapes: a rank-2 layer's up projection is (out, 2) (diffusers' attention-processor layout, which
+    # ComfyUI also reads).
+    up = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight"
+    assert errors[2].state_dict[up].shape == (32, 2)
     with pytest.raises(ToolError, match="exactly one"):
         export_lora(path, tiny_unet(), rank=2, energy=0.9)
     with pytest.raises(ToolError, match="positive integer"):
@@ -435,3 +437,20 @@ def test_push_then_pull_and_inspect_a_repo(tmp_path, local_hub, hub_token, uniqu
     assert inspect_shift(unique_repo_id)["base_model"] == "tests/tiny-unet"  # Hub id through the Hub functions
     with pytest.raises(FileNotFoundError):
         push_shift(tmp_path / "missing.safetensors", unique_repo_id, token=hub_token)
+
+
+def test_shifts_of_one_base_at_two_local_paths_merge(tmp_path):
+    """Training records no local path as the base (a path means nothing elsewhere, and differs between two copies of
+    one model): two shifts of the same weights merge, and the fingerprints still refuse another base."""
+    first, _ = save_shift(tmp_path, 1, base_model=str(tmp_path / "copy-1"))
+    second, _ = save_shift(tmp_path, 2, base_model=str(tmp_path / "elsewhere" / "copy-2"))
+    assert load_shift_file(first).base_model is None and load_shift_file(second).base_model is None
+    merged = merge_shifts([first, second], [0.5, 0.5])
+    assert merged.base_model is None and merged.num_parameters == load_shift_file(first).num_parameters
+
+
+def test_the_shipped_toyworld_shift_records_no_local_path():
+    from svdiff_adapter import toyworld
+
+    shipped = load_shift_file(toyworld.ASSETS_DIR / "shifts" / "dotted_square" / sa.DEFAULT_WEIGHT_NAME)
+    assert shipped.base_model is None and not shipped.unfingerprinted()

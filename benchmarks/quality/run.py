@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(".bench/quality"))
     parser.add_argument("--phase", default="all", choices=["all", "base", "sweep", "single", "interpolation",
                                                             "editing", "multi"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny ops do not collapse when a core is busy; docs/performance.md)")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per run (smoke tests: a few)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """svdiff-adapter: SVDiff spectral shifts as a diffusers-native, PEFT-compatible adapter format.
 
-Importing the package registers the `SPECTRAL_SHIFT` tuner type with PEFT.
+Importing the package registers the `SPECTRAL_SHIFT` tuner type with PEFT. The public API is listed in `__all__`
+and documented in docs/api.md; docs/architecture.md maps the modules.
 """
 
 from .format import (
@@ -8,18 +9,24 @@ from .format import (
     FORMAT_VERSION,
     SpectralShiftFile,
     SpectralShiftFormatError,
+    WrongBaseModelError,
     load_shift_file,
     save_shift_file,
 )
 from .loaders import (
-    _PIPELINE_EXPORTS,
+    PIPELINE_EXPORTS,
+    SpectralShiftNotFoundError,
     add_spectral_shift,
     enable_spectral_switch_cache,
     get_spectral_shift_state_dict,
+    hotswap_spectral_shift,
     load_spectral_shift,
+    load_spectral_shift_adapter,
     load_spectral_shift_into_model,
+    pipeline_attribute,
     save_spectral_shift,
     set_spectral_build_dtype,
+    set_spectral_shift_build_dtype,
     spectral_adapter_names,
     unload_spectral_shift,
 )
@@ -58,17 +65,21 @@ __all__ = [
     "SpectralShiftFormatError",
     "SpectralShiftLayer",
     "SpectralShiftModel",
+    "SpectralShiftNotFoundError",
     "SpectralShiftPeftType",
     "ToolError",
+    "WrongBaseModelError",
     "add_spectral_shift",
     "compute_factors",
     "enable_spectral_switch_cache",
     "export_lora",
     "extract_shift",
     "get_spectral_shift_state_dict",
+    "hotswap_spectral_shift",
     "inspect_shift",
     "load_shift_file",
     "load_spectral_shift",
+    "load_spectral_shift_adapter",
     "load_spectral_shift_into_model",
     "merge_shifts",
     "offload_spectral_layers",
@@ -78,20 +89,15 @@ __all__ = [
     "save_shift_file",
     "save_spectral_shift",
     "set_spectral_build_dtype",
+    "set_spectral_shift_build_dtype",
     "spectral_adapter_names",
     "svd_options",
     "svdiff_pytorch_to_v1",
     "unload_spectral_shift",
     "v1_to_svdiff_pytorch",
+    *PIPELINE_EXPORTS,
 ]
-# Pipelines load on first use (importing diffusers' pipelines takes seconds): `SpectralShiftLoaderMixin`,
-# `patch_diffusers()` and the drop-in `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, img2img / inpaint variants.
-__all__ += list(_PIPELINE_EXPORTS)
 
 
 def __getattr__(name):
-    if name in _PIPELINE_EXPORTS:
-        from . import loaders
-
-        return getattr(loaders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return pipeline_attribute(__name__, name)

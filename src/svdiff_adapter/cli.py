@@ -1,12 +1,17 @@
-"""The `svdiff` command: argparse wiring only; every subcommand calls a function of `svdiff_adapter.tools`.
+"""The `svdiff` command: argparse wiring only; every subcommand calls a function of `svdiff_adapter.tools`,
+`svdiff_adapter.training` or `svdiff_adapter.editing`.
 
-Adding a subcommand (e.g. `train`, `edit` from other issues): write `add_parser(subparsers)` that creates the
-subparser and sets `handler=` (a function `args -> exit code`), then register it in one line::
+Adding a subcommand: write `add_parser(subparsers)` that creates the subparser and sets `handler=` (a function
+`args -> exit code`), then register it in one line::
 
     from svdiff_adapter.cli import register_subcommand
-    register_subcommand("train", my_module.add_parser)   # or add it to SUBCOMMANDS below
+    register_subcommand("my-command", my_module.add_parser)   # or add it to SUBCOMMANDS below
 
-Exit codes: 0 success, 1 the tool refused (message on stderr, e.g. mismatched bases, missing file), 2 bad usage.
+Building the parser imports neither torch nor diffusers (``svdiff --help`` is quick): a handler imports its tool
+when it runs.
+
+Exit codes: 0 success, 1 the tool refused (message on stderr, e.g. mismatched bases, missing file), 2 bad usage,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -14,15 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
-
-from .format import SpectralShiftFormatError
 
 
 AddParser = Callable[["argparse._SubParsersAction"], argparse.ArgumentParser]
 # Subcommand name → function adding its parser. Lazy: a module imports its tool only when run.
 SUBCOMMANDS: dict[str, AddParser] = {}
-_ERRORS = (SpectralShiftFormatError, ValueError, OSError, KeyError, NotImplementedError)
+INTERRUPTED = 130  # the shell's exit status for a process stopped by SIGINT (128 + 2)
+
+
+def _refused_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the tool refused" and are printed as one line. Imported when an error happens: the modules
+    defining them import torch."""
+    from safetensors import SafetensorError
+
+    from .format import SpectralShiftFormatError
+
+    return SpectralShiftFormatError, SafetensorError, ValueError, OSError, KeyError, NotImplementedError
 
 
 def register_subcommand(name: str, add_parser: Optional[AddParser] = None):
@@ -37,8 +51,29 @@ def register_subcommand(name: str, add_parser: Optional[AddParser] = None):
     return register(add_parser) if add_parser is not None else register
 
 
+def _describe(error: Exception, args: argparse.Namespace) -> str:
+    from safetensors import SafetensorError
+
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    # safetensors reports a failed write (disk full, file too large) without the file's name.
+    if isinstance(error, SafetensorError) and "serializ" in str(error) and getattr(args, "output", None):
+        return f"Cannot write {args.output}: {error}"
+    return str(error)
+
+
 def _print(data, as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def _check_output_location(path: str) -> None:
+    """Refuse an output below a file (``-o notes.txt/out.safetensors``) before any work is done, instead of the
+    "[Errno 17] File exists" of the folder creation at the end."""
+    for parent in Path(path).absolute().parents:
+        if parent.is_dir():
+            return
+        if parent.exists():
+            raise ValueError(f"Cannot write {path}: {parent} is a file, not a folder.")
 
 
 # ------------------------------------------------------------------------------------------------------ inspect
@@ -95,6 +130,7 @@ def _run_merge(args) -> int:
 
     from .tools import merge_shifts
 
+    _check_output_location(args.output)
     merged = merge_shifts(args.sources, args.weights, args.mode, blocks=_parse_blocks(args.blocks),
                           output=args.output, overwrite=args.overwrite,
                           dtype=torch.float16 if args.fp16 else None)
@@ -125,6 +161,7 @@ def _add_convert(subparsers):
 def _run_convert(args) -> int:
     from .tools import ToolError, read_shift, svdiff_pytorch_to_v1, v1_to_svdiff_pytorch
 
+    _check_output_location(args.output)
     target = args.to or ("v1" if read_shift(args.source).source == "svdiff-pytorch" else "svdiff-pytorch")
     if target == "v1":
         if not args.base:
@@ -149,9 +186,12 @@ def _add_export(subparsers):
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--rank", type=int, help="rank of every layer")
     group.add_argument("--energy", type=float, help="per layer, keep this fraction of ‖ΔW‖² (e.g. 0.99)")
-    parser.add_argument("-o", "--output", required=True, help="diffusers LoRA file (pipe.load_lora_weights)")
-    parser.add_argument("--kohya", help="also write a kohya-style file (ComfyUI / A1111)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="diffusers-format LoRA file (pipe.load_lora_weights, ComfyUI)")
+    parser.add_argument("--kohya", help="also write a kohya file (ComfyUI / A1111 / LyCORIS; no embeddings)")
     parser.add_argument("--fp16", action="store_true", help="store the LoRA in float16")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="skip measuring how much of the shift's output change each file reproduces")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_export)
@@ -163,15 +203,28 @@ def _run_export(args) -> int:
 
     from .tools import export_lora
 
+    for output in (args.output, args.kohya):
+        if output:
+            _check_output_location(output)
     result = export_lora(args.source, args.base, rank=args.rank, energy=args.energy, output=args.output,
                          kohya_output=args.kohya, dtype=torch.float16 if args.fp16 else torch.float32,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, probe=not args.no_probe)
     report = result.report()
     lines = [f"{name}: rank {v['rank']}/{v['max_rank']}, relative error {v['relative_error']:.3g}"
              for name, v in report["layers"].items()]
     lines += [f"dropped {name}: {why}" for name, why in report["dropped"].items()]
+    if args.kohya:
+        lines += [f"not in the kohya file {name}: {why}" for name, why in report["kohya_skipped"].items()]
     lines.append(f"overall relative error ‖ΔW − ΔW_R‖/‖ΔW‖ = {report['relative_error']:.4g}; "
                  f"{report['parameters']:,} LoRA parameters; wrote {', '.join(report['paths'].values())}")
+    for component, scores in report["output_change_reproduced"].items():
+        if scores is None:
+            lines.append(f"{component or 'model'}: no probe input for this model, output change not measured")
+            continue
+        files = [(label, scores[label]) for label in ("diffusers", "kohya") if label == "diffusers" or args.kohya]
+        lines.append(f"{component or 'model'}: the files reproduce " + ", ".join(
+            f"{'—' if score is None else f'{100 * score:.1f}%'} ({label} file)" for label, score in files)
+            + " of the shift's output change (1 − ‖out_lora − out_shift‖/‖out_shift − out_base‖)")
     _print(report, args.json, "\n".join(lines))
     return 0
 
@@ -195,6 +248,7 @@ def _add_extract(subparsers):
 def _run_extract(args) -> int:
     from .tools import extract_shift
 
+    _check_output_location(args.output)
     result = extract_shift(args.base, args.tuned, args.output, target_kinds=args.kinds, norm_mode=args.norm_mode,
                            base_model=args.base_model, overwrite=args.overwrite)
     report = result.report()
@@ -246,28 +300,40 @@ def _run_pull(args) -> int:
 # -------------------------------------------------------------------------------------------------------- train
 @register_subcommand("train")
 def _add_train(subparsers):
-    from .training import add_train_arguments
+    from .training.args import DefaultsHelpFormatter, add_train_arguments
 
-    parser = subparsers.add_parser("train", help="Train a spectral shift, DreamBooth-style (docs/training.md).")
+    parser = subparsers.add_parser("train", help="Train a spectral shift, DreamBooth-style (docs/training.md).",
+                                   formatter_class=DefaultsHelpFormatter)
     add_train_arguments(parser)
     parser.set_defaults(handler=_run_train)
     return parser
 
 
 def _run_train(args) -> int:
+    from .training import TrainingInterrupted
     from .training import main as train_main
 
-    train_main(args)
+    try:
+        train_main(args)
+    except TrainingInterrupted as interrupted:
+        if interrupted.checkpoint is None:
+            print(f"svdiff train: interrupted at step {interrupted.global_step}; no checkpoint was saved.",
+                  file=sys.stderr)
+        else:
+            print(f"svdiff train: interrupted at step {interrupted.global_step}; saved {interrupted.checkpoint}. "
+                  "To continue, run the same command with --resume_from_checkpoint latest.", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
 # --------------------------------------------------------------------------------------------------------- edit
 @register_subcommand("edit")
 def _add_edit(subparsers):
-    from .editing import add_edit_arguments
+    from .editing.args import add_edit_arguments
+    from .training.args import DefaultsHelpFormatter
 
     parser = subparsers.add_parser("edit", help="Edit one image with CoSINE: fine-tune shifts on it, change the "
-                                                "prompt (docs/editing.md).")
+                                                "prompt (docs/editing.md).", formatter_class=DefaultsHelpFormatter)
     add_edit_arguments(parser)
     parser.set_defaults(handler=_run_edit)
     return parser
@@ -298,9 +364,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except _ERRORS as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"svdiff {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"svdiff {args.command}: interrupted.", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as error:
+        if not isinstance(error, _refused_errors()):
+            raise
+        print(f"svdiff {args.command}: error: {_describe(error, args)}", file=sys.stderr)
         return 1
 
 

@@ -1,13 +1,13 @@
 """The SVD engine: factors of weight matrices, computed once, kept small, optionally cached on disk.
 
-Only weights are known here, never adapters. A weight of any shape is seen as a matrix: conv kernels
-c_out × c_in × kh × kw as c_out × (c_in·kh·kw), 1-D norm weights γ as 1 × C.
+Only weights are known here, never adapters. A weight of any shape is seen as a matrix (`spectral.weight_matrix`):
+conv kernels c_out × c_in × kh × kw as c_out × (c_in·kh·kw), 1-D norm weights γ as 1 × C.
 
 What is kept per matrix (m × n, k = min(m, n)) and why:
-- U (m × k) and Vᵀ (k × n) in float16: spectral shifts are applied in delta form
+- U (m × k) and Vᵀ (k × n) in float16 by default: spectral shifts are applied in delta form
   W_δ = W + U·diag(ReLU(σ+δ) − σ)·Vᵀ, so a factor's rounding error (≤ 2⁻¹¹ relative; entries of orthonormal
   columns never overflow float16) only scales the *change* |ReLU(σ+δ) − σ|, never W itself. Half the memory of
-  float32 factors.
+  float32 factors, which `factor_dtype=torch.float32` keeps instead (docs/performance.md compares the two).
 - σ (k) in float32: it decides where the ReLU clips and is tiny.
 """
 
@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
+import stat
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,15 +27,18 @@ from typing import Mapping, Optional, Union
 import torch
 import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
+
+from .atomic import atomic_save_safetensors
 
 
 logger = logging.getLogger(__name__)
 
-FACTOR_DTYPE = torch.float16
+FACTOR_DTYPE = torch.float16  # the default; `factor_dtype=torch.float32` is the other choice
+FACTOR_DTYPES = (torch.float16, torch.float32)
 # Bump when the factor computation or the cache layout changes: old entries then never match.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 CACHE_ENV = "SVDIFF_SVD_CACHE"
 CACHE_DIR_ENV = "SVDIFF_CACHE_DIR"
 # Below this many weight elements a progress bar is noise.
@@ -61,18 +64,21 @@ class SpectralFactors:
         return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.Vh))
 
 
-def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """View a weight as the matrix whose singular values are shifted (a view, no copy)."""
-    if weight.ndim == 1:
-        return weight.reshape(1, -1)
-    return weight.reshape(weight.shape[0], -1)
+def factor_dtype_of(dtype: Union[torch.dtype, str, None]) -> torch.dtype:
+    """`torch.float16` (the default, for `None`) or `torch.float32`, from a dtype or its name."""
+    if dtype is None:
+        return FACTOR_DTYPE
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in FACTOR_DTYPES:
+        raise ValueError(f"`factor_dtype` should be torch.float16 or torch.float32 but the value passed is {dtype!r}.")
+    return resolved
 
 
-def decompose(matrix: torch.Tensor) -> SpectralFactors:
+def decompose(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE) -> SpectralFactors:
     """Thin SVD in float32 (float64 stays float64) on the matrix's device; wide matrices through the transpose.
 
-    Accepts a matrix or a batch of same-shaped matrices (leading dimensions). LAPACK is several times faster on
-    tall matrices (method.md §9): W = (V S Uᵀ)ᵀ gives the same factors.
+    Accepts a matrix or a batch of same-shaped matrices (leading dimensions). LAPACK's gesdd is several times
+    faster on tall matrices than on wide ones (docs/performance.md): W = (V S Uᵀ)ᵀ gives the same factors.
     """
     work = matrix.detach()
     if work.dtype not in (torch.float32, torch.float64):
@@ -84,7 +90,7 @@ def decompose(matrix: torch.Tensor) -> SpectralFactors:
         else:
             U, S, Vh = torch.linalg.svd(work, full_matrices=False)
     return SpectralFactors(
-        U=U.to(FACTOR_DTYPE).contiguous(), S=S.to(torch.float32).contiguous(), Vh=Vh.to(FACTOR_DTYPE).contiguous()
+        U=U.to(factor_dtype).contiguous(), S=S.to(torch.float32).contiguous(), Vh=Vh.to(factor_dtype).contiguous()
     )
 
 
@@ -92,8 +98,8 @@ def decompose(matrix: torch.Tensor) -> SpectralFactors:
 def one_thread_if_small(numel: int, device: Union[str, torch.device] = "cpu"):
     """Run the math of one small matrix on one CPU thread.
 
-    OpenMP threads only add overhead on small matrices, and on a busy machine their spin-waits dominate: a 64 × 64
-    SVD measured 0.49 s with 2 threads vs 0.75 ms with 1; extracting shifts from a tiny UNet 13.7 s vs 0.18 s.
+    OpenMP threads only add overhead on small matrices, and on a busy machine their spin-waits dominate (measured
+    in docs/performance.md).
     """
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or numel > SMALL_MATRIX or threads == 1:
@@ -113,14 +119,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(data.reshape(-1).view(torch.uint8).numpy())
 
 
-def weight_key(matrix: torch.Tensor) -> str:
-    """Content key of a weight: a 128-bit xxh3 hash of its bytes, shape and dtype.
+def weight_key(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE) -> str:
+    """Content key of a weight's factors: a 128-bit xxh3 hash of its bytes, shape and dtype, and the factor dtype.
 
-    xxh3 hashes at ~15 GB/s here (sha256: 1.2 GB/s, which made hashing the main cost of a cached load); an
+    xxh3 is an order of magnitude faster than sha256, which made hashing the main cost of a cached load; an
     accidental collision between two different weights has probability ~2⁻¹²⁸.
     """
     digest = xxhash.xxh3_128()
-    digest.update(f"{ENGINE_VERSION}|{tuple(matrix.shape)}|{matrix.dtype}|{FACTOR_DTYPE}".encode())
+    digest.update(f"{ENGINE_VERSION}|{tuple(matrix.shape)}|{matrix.dtype}|{factor_dtype}".encode())
     digest.update(_tensor_bytes(matrix))
     return digest.hexdigest()
 
@@ -150,7 +156,10 @@ class SVDCache:
     """On-disk cache of factors keyed by the weight's content.
 
     - Never stale: the key is a 128-bit hash of the weight's bytes, shape and dtype, so a different weight cannot hit.
-    - A corrupt entry (unreadable file, wrong shapes, checksum mismatch) is reported, deleted and rebuilt.
+    - An entry proves it belongs to the weight it is read for: it records its key, and its leading singular pair must
+      satisfy W·v₁ = σ₁·u₁ for that weight. An entry copied from another weight is rejected.
+    - A corrupt entry (unreadable file, wrong shapes, checksum mismatch, wrong weight) is reported, deleted and
+      rebuilt; a path that is not a regular file (a folder, a FIFO) is ignored without being opened.
     - Writers go through a temporary file and an atomic rename, so concurrent writers cannot corrupt an entry
       (they write identical content; the last rename wins).
     """
@@ -161,15 +170,21 @@ class SVDCache:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str, shape: tuple[int, int]) -> Optional[SpectralFactors]:
+    def get(self, key: str, matrix: torch.Tensor) -> Optional[SpectralFactors]:
+        """The factors of `matrix` stored under `key`, or None (absent, unusable or not this matrix's)."""
         path = self._path(key)
-        if not path.exists():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return None
+        if not stat.S_ISREG(mode):
+            logger.warning("Ignoring SVD cache entry %s: not a regular file.", path)
             return None
         try:
             tensors = load_file(str(path))
             factors = SpectralFactors(tensors["U"], tensors["S"], tensors["Vh"])
-            rank = min(shape)
-            expected = {"U": (shape[0], rank), "S": (rank,), "Vh": (rank, shape[1])}
+            rank = min(matrix.shape)
+            expected = {"U": (matrix.shape[0], rank), "S": (rank,), "Vh": (rank, matrix.shape[1])}
             if any(tuple(tensors[name].shape) != dims for name, dims in expected.items()):
                 raise ValueError("factor shapes do not match the weight")
             with open(path, "rb") as handle:
@@ -177,9 +192,12 @@ class SVDCache:
                 metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
             if metadata.get("checksum") != _factors_checksum(factors):
                 raise ValueError("checksum mismatch")
+            if metadata.get("weight_key") != key or not _leading_pair_fits(matrix, factors):
+                raise ValueError("the entry holds the factors of another weight")
         except (SafetensorError, OSError, KeyError, ValueError) as error:
             logger.warning("Ignoring corrupt SVD cache entry %s (%s); it will be rebuilt.", path, error)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink()
             return None
         return factors
 
@@ -188,28 +206,20 @@ class SVDCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         cpu_factors = factors.to("cpu")
         tensors = {"U": cpu_factors.U, "S": cpu_factors.S, "Vh": cpu_factors.Vh}
-        metadata = {"engine_version": ENGINE_VERSION, "checksum": _factors_checksum(cpu_factors)}
+        metadata = {"engine_version": ENGINE_VERSION, "checksum": _factors_checksum(cpu_factors), "weight_key": key}
         atomic_save_safetensors(tensors, path, metadata)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.PathLike], metadata=None):
-    """Write a safetensors file through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(dict(tensors), temporary, metadata=metadata)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _leading_pair_fits(matrix: torch.Tensor, factors: SpectralFactors) -> bool:
+    """W·v₁ = σ₁·u₁ up to the factors' rounding: one matrix-vector product proves the factors are this weight's."""
+    if factors.S.numel() == 0:
+        return True
+    v = factors.Vh[0].to(device=matrix.device, dtype=torch.float32)
+    u = factors.U[:, 0].to(device=matrix.device, dtype=torch.float32)
+    sigma = float(factors.S[0])
+    residual = float((matrix.detach().to(torch.float32) @ v - sigma * u).norm())
+    # float16 factors move W·v₁ and σ₁·u₁ by about 2⁻¹¹·σ₁ each; another weight's pair misses by O(σ₁).
+    return residual <= 1e-2 * sigma + 1e-6
 
 
 def resolve_cache(cache: Union[bool, str, os.PathLike, SVDCache, None]) -> Optional[SVDCache]:
@@ -230,23 +240,28 @@ def compute_factors(
     cache: Union[bool, str, os.PathLike, SVDCache, None] = None,
     progress: Optional[bool] = None,
     desc: str = "SVD",
+    factor_dtype: Union[torch.dtype, str, None] = None,
 ) -> dict[str, SpectralFactors]:
-    """Factors of each matrix (see `weight_matrix`), on the matrix's device.
+    """Factors of each matrix (see `weight_matrix`), on the matrix's device, U and Vᵀ in `factor_dtype`
+    (default float16).
 
     CPU matrices are decomposed by up to 4 worker threads side by side, torch's intra-op threads shared among them
-    (one LAPACK thread each on up to 4 cores): gesdd's bidiagonalisation scales poorly across threads, and two
-    single-threaded SVDs side by side measured 0.89× the time of the same SVDs one after the other on two threads
-    (2-core CPU, SD1.5 shapes).
+    (one LAPACK thread each on up to 4 cores): gesdd's bidiagonalisation scales poorly across threads, so SVDs side
+    by side beat the same SVDs one after the other on all threads (docs/performance.md).
     Same-shaped CUDA matrices go through one batched call. With a cache, two more threads hash weights and read
     entries ahead of the decompositions and write new entries behind them (hashing, file I/O and LAPACK all release
-    the GIL). An interrupted run keeps every entry already computed.
+    the GIL). An interrupted run keeps every entry already computed. A cache that cannot be written (read-only, a
+    file in its place, a full disk) costs a warning, not the result.
     """
+    factor_dtype = factor_dtype_of(factor_dtype)
     svd_cache = resolve_cache(cache)
     total = sum(m.numel() for m in matrices.values())
     show = progress if progress is not None else total >= _PROGRESS_MIN_ELEMENTS
     results: dict[str, SpectralFactors] = {}
     io_pool = ThreadPoolExecutor(max_workers=_IO_WORKERS) if svd_cache is not None else None
-    lookups = {name: io_pool.submit(_lookup, svd_cache, m) for name, m in matrices.items()} if io_pool else {}
+    lookups = {
+        name: io_pool.submit(_lookup, svd_cache, m, factor_dtype) for name, m in matrices.items()
+    } if io_pool else {}
     threads = torch.get_num_threads()
     workers = min(threads, _SVD_WORKERS)  # each holds one SVD workspace: bounded memory on many-core machines
     svd_pool = ThreadPoolExecutor(max_workers=workers)
@@ -254,10 +269,22 @@ def compute_factors(
     writes = []
     keys: dict[str, str] = {}
 
+    unwritable: list[OSError] = []
+
+    def write(key: str, factors: SpectralFactors) -> None:
+        if unwritable:
+            return
+        try:
+            svd_cache.put(key, factors)
+        except OSError as error:
+            unwritable.append(error)
+            logger.warning("The SVD cache %s cannot be written (%s); computing without it.", svd_cache.directory,
+                           error)
+
     def store(name: str, factors: SpectralFactors) -> None:
         results[name] = factors
         if io_pool is not None:
-            writes.append(io_pool.submit(svd_cache.put, keys[name], factors))
+            writes.append(io_pool.submit(write, keys[name], factors))
 
     torch.set_num_threads(max(1, threads // workers))  # per LAPACK call; the workers run side by side
     try:
@@ -273,12 +300,12 @@ def compute_factors(
                 if matrix.device.type == "cuda":
                     cuda_misses.append(name)
                 else:
-                    cpu_jobs[name] = svd_pool.submit(decompose, matrix)
+                    cpu_jobs[name] = svd_pool.submit(decompose, matrix, factor_dtype)
             for name, job in cpu_jobs.items():
                 store(name, job.result())
                 bar.update(matrices[name].numel())
             for group in _same_shape_groups(cuda_misses, matrices):
-                stacked = decompose(torch.stack([matrices[n].detach() for n in group]))
+                stacked = decompose(torch.stack([matrices[n].detach() for n in group]), factor_dtype)
                 for index, name in enumerate(group):
                     store(name, SpectralFactors(stacked.U[index], stacked.S[index], stacked.Vh[index]))
                 bar.update(sum(matrices[n].numel() for n in group))
@@ -293,14 +320,14 @@ def compute_factors(
                 store(name, job.result())
         if io_pool is not None:
             io_pool.shutdown(wait=True)
-    for write in writes:
-        write.result()  # surface write errors (e.g. a read-only cache folder)
+    for pending in writes:
+        pending.result()  # errors other than an unwritable cache are bugs: surface them
     return {name: results[name] for name in matrices}
 
 
-def _lookup(svd_cache: SVDCache, matrix: torch.Tensor) -> tuple[str, Optional[SpectralFactors]]:
-    key = weight_key(matrix)
-    return key, svd_cache.get(key, tuple(matrix.shape))
+def _lookup(svd_cache: SVDCache, matrix: torch.Tensor, factor_dtype: torch.dtype):
+    key = weight_key(matrix, factor_dtype)
+    return key, svd_cache.get(key, matrix)
 
 
 def _same_shape_groups(names: list[str], matrices: Mapping[str, torch.Tensor]) -> list[list[str]]:

@@ -1,9 +1,14 @@
-"""Command-line options of CoSINE single-image editing (``svdiff edit`` and examples/single_image_edit.py)."""
+"""Command-line options of CoSINE single-image editing (``svdiff edit`` and examples/single_image_edit.py).
+
+Imports neither torch nor diffusers: ``svdiff edit --help`` builds its parser from this module alone.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Optional, Sequence
+
+from ..training.args import DefaultsHelpFormatter
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -13,7 +18,8 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Hub id or local folder of a Stable Diffusion 1.x/2.x or SDXL pipeline.")
     model.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weight variant of the base model, e.g. fp16.")
-    model.add_argument("--device", type=str, default=None, help="Torch device (default: cuda when available).")
+    model.add_argument("--device", type=str, default=None,
+                       help="Torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available).")
 
     data = parser.add_argument_group("image and prompts")
     data.add_argument("--image", type=str, required=True, help="The image to edit (any mode; converted to RGB).")
@@ -50,7 +56,8 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Edit one image with SVDiff's CoSINE: fine-tune spectral shifts on "
-                                                 "(image, source prompt), then sample with target prompts.")
+                                                 "(image, source prompt), then sample with target prompts.",
+                                     formatter_class=DefaultsHelpFormatter)
     return add_edit_arguments(parser)
 
 

@@ -1,10 +1,11 @@
-"""CoSINE single-image editing (docs/method.md §5, docs/editing.md): fine-tune spectral shifts on one image–prompt
+"""CoSINE single-image editing (from the SVDiff paper; docs/editing.md): fine-tune spectral shifts on one image–prompt
 pair, then edit by changing the prompt — DDIM inversion with the target prompt, optional noise (η > 0, slerp),
 sampling with guidance. No fine-tuning per target prompt."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from ..format import DEFAULT_WEIGHT_NAME, SpectralShiftFile, save_shift_file
 from ..loaders import load_spectral_shift, spectral_adapter_names, to_shift_file, unload_spectral_shift
 from ..tools import read_shift
+from ..training.images import load_image
 from .args import parse_args
 from .finetune import finetune_on_image
 from .images import ImageInput, decode_latents, encode_image, prepare_image, save_png, side_by_side
@@ -120,15 +122,9 @@ def edit_image(
     prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
     if not prompts:
         raise ValueError("Give at least one target prompt.")
-    if slerp_alpha is not None and not invert:
-        raise ValueError("`slerp_alpha` interpolates the inverted latent towards noise; it needs inversion "
-                         "(without inversion the start is pure noise already).")
-    if slerp_alpha is not None and not 0.0 <= slerp_alpha <= 1.0:
-        raise ValueError(f"`slerp_alpha` should be in [0, 1] but the value passed is {slerp_alpha}.")
-    if eta < 0:
-        raise ValueError(f"`eta` should be >= 0 but the value passed is {eta}.")
-    if max_train_steps < 0:
-        raise ValueError(f"`max_train_steps` should be >= 0 but the value passed is {max_train_steps}.")
+    check_edit_options(max_train_steps=max_train_steps, learning_rate=learning_rate,
+                       learning_rate_1d=learning_rate_1d, invert=invert, eta=eta, slerp_alpha=slerp_alpha,
+                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, resolution=resolution)
     fine_tune = shift is None and max_train_steps > 0
     if fine_tune and not source_prompt:
         raise ValueError("Fine-tuning needs a source prompt describing the image (or pass a shift to reuse).")
@@ -176,6 +172,48 @@ def edit_image(
     return result
 
 
+def check_edit_options(*, max_train_steps: int, learning_rate: float, learning_rate_1d: float, invert: bool,
+                       eta: float, slerp_alpha: Optional[float], guidance_scale: float, num_inference_steps: int,
+                       resolution: Optional[int]) -> None:
+    """Refuse options of `edit_image` that are out of range (the `ValueError` names the option and the value), so
+    that ``svdiff edit`` fails before the pipeline is loaded."""
+    at_least = {"max_train_steps": (max_train_steps, 0), "num_inference_steps": (num_inference_steps, 1),
+                "eta": (eta, 0), "guidance_scale": (guidance_scale, 0), "learning_rate_1d": (learning_rate_1d, 0)}
+    if resolution is not None:
+        at_least["resolution"] = (resolution, 1)
+    for name, (value, lowest) in at_least.items():
+        if not (math.isfinite(value) and value >= lowest):
+            raise ValueError(f"`{name}` should be >= {lowest} but the value passed is {value}.")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"`learning_rate` should be > 0 but the value passed is {learning_rate}.")
+    if slerp_alpha is not None and not invert:
+        raise ValueError("`slerp_alpha` interpolates the inverted latent towards noise; it needs inversion "
+                         "(without inversion the start is pure noise already).")
+    if slerp_alpha is not None and not 0.0 <= slerp_alpha <= 1.0:
+        raise ValueError(f"`slerp_alpha` should be in [0, 1] but the value passed is {slerp_alpha}.")
+
+
+def check_device(device: Optional[str]) -> torch.device:
+    """`device` as a `torch.device` (default: CUDA when available), refused with a clear `ValueError` when it is not
+    a device name or this machine does not have it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Device {device!r} is not a torch device name (e.g. cpu, cuda, cuda:1): {error}") from None
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"Device {device!r}: this machine has no {parsed.type} device available to torch "
+                         f"{torch.__version__}; use cpu (CLI: --device cpu, or leave --device out).")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"Device {device!r}: this machine has {count} {parsed.type} device(s), numbered from 0.")
+    return parsed
+
+
 def _write_outputs(result: EditResult, folder: Path, *, save_shift: bool) -> dict[str, Path]:
     files = {"input": save_png(result.source, folder / "input.png")}
     for index, (prompt, image) in enumerate(zip(result.prompts, result.images)):
@@ -193,7 +231,10 @@ def load_pipeline(path: str, *, revision: Optional[str] = None, variant: Optiona
     `device` (default: CUDA when available), without the safety checker (edits are decoded here)."""
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(path, revision=revision)
+    from ..training.prepare import load_model_index
+
+    target = check_device(device)
+    index = load_model_index(path, revision)
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, dtype=torch.float32,
                                              **extra)
@@ -201,19 +242,26 @@ def load_pipeline(path: str, *, revision: Optional[str] = None, variant: Optiona
     if missing:
         raise ValueError(f"{path!r} is a {type(pipe).__name__} without {missing}; editing needs a Stable Diffusion "
                          "1.x/2.x or SDXL pipeline.")
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pipe.to(target)
 
 
 def main(args: Optional[argparse.Namespace] = None) -> EditResult:
-    """Entry point of ``svdiff edit`` and examples/single_image_edit.py: parse (if needed), load the pipeline, edit."""
+    """Entry point of ``svdiff edit`` and examples/single_image_edit.py: parse (if needed), check the options, the
+    device and the image, then load the pipeline and edit."""
     from ..training.prepare import svd_cache_option
 
     if args is None:
         args = parse_args()
+    check_edit_options(max_train_steps=args.max_train_steps, learning_rate=args.learning_rate,
+                       learning_rate_1d=args.learning_rate_1d, invert=not args.no_inversion, eta=args.eta,
+                       slerp_alpha=args.slerp_alpha, guidance_scale=args.guidance_scale,
+                       num_inference_steps=args.num_inference_steps, resolution=args.resolution)
+    check_device(args.device)
+    image = load_image(args.image)  # an unreadable or refused image fails before the (slow) pipeline load
     pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                          device=args.device)
     return edit_image(
-        pipe, args.image, args.source_prompt, args.target_prompt, shift=args.shift,
+        pipe, image, args.source_prompt, args.target_prompt, shift=args.shift,
         max_train_steps=args.max_train_steps, learning_rate=args.learning_rate,
         learning_rate_1d=args.learning_rate_1d, invert=not args.no_inversion, eta=args.eta,
         slerp_alpha=args.slerp_alpha, guidance_scale=args.guidance_scale,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..training.images import load_image, to_rgb
+from ..training.images import check_image_size, load_image, to_rgb
 
 
 logger = logging.getLogger(__name__)
@@ -24,10 +24,16 @@ def prepare_image(image: ImageInput, multiple: int, resolution: Optional[int] = 
     """The image to edit as RGB, with sides that are multiples of `multiple` (the VAE's downsampling factor).
 
     A path is read with EXIF rotation and any mode (L, P, RGBA, CMYK, 16-bit) converted to RGB; an unreadable file
-    raises `TrainingDataError` naming it. With `resolution`, the shorter side is resized to it first (aspect kept).
-    Sides that are not multiples of `multiple` are center-cropped down to one, with a warning that says so.
+    raises `TrainingDataError` naming it, and so does an image with more pixels than PIL's decompression-bomb limit or
+    sides differing by more than `MAX_ASPECT_RATIO` (4×; the edit keeps the shape, so a 4000×2 image would be edited
+    at 64000×32). With `resolution`, the shorter side is resized to it first (aspect kept). Sides that are not
+    multiples of `multiple` are center-cropped down to one, with a warning that says so.
     """
-    image = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    else:
+        check_image_size(image.size, "to edit")
+        image = to_rgb(image)
     width, height = image.size
     if resolution is not None and min(width, height) != resolution:
         scale = resolution / min(width, height)

@@ -104,6 +104,8 @@ def _run_ddim(pipe, scheduler, latents, prompts, num_inference_steps, guidance_s
     """The loop shared by inversion and sampling: only the scheduler (forward or inverse DDIM) differs."""
     from tqdm.auto import tqdm
 
+    if num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` should be >= 1 but the value passed is {num_inference_steps}.")
     scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
     latents = _batch(latents.to(pipe.unet.device, torch.float32), prompts)
     height, width = _pixel_size(pipe, latents)

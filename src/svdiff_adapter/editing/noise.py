@@ -1,4 +1,4 @@
-"""Noise injection for large structural edits (docs/method.md §5): spherical interpolation of the inverted latent
+"""Noise injection for large structural edits (CoSINE, SVDiff paper): spherical interpolation of the inverted latent
 towards fresh Gaussian noise."""
 
 from __future__ import annotations

@@ -1,48 +1,62 @@
-"""Loading and saving spectral shifts (model level; the pipeline mixin builds on these)."""
+"""Loading and saving spectral shifts: model level (`model`, `hotswap`), the Hub (`hub`), and the pipeline mixin
+(`pipeline`, `diffusers_methods`, `pipelines`), which builds on the model level."""
 
+import importlib
+
+from .hotswap import hotswap_spectral_shift
+from .hub import SpectralShiftNotFoundError
 from .model import (
     add_spectral_shift,
     enable_spectral_switch_cache,
     get_spectral_shift_state_dict,
     load_spectral_shift,
+    load_spectral_shift_adapter,
     load_spectral_shift_into_model,
     save_spectral_shift,
     set_spectral_build_dtype,
+    set_spectral_shift_build_dtype,
     spectral_adapter_names,
     to_shift_file,
     unload_spectral_shift,
 )
 
 __all__ = [
+    "SpectralShiftNotFoundError",
     "add_spectral_shift",
     "enable_spectral_switch_cache",
     "get_spectral_shift_state_dict",
+    "hotswap_spectral_shift",
     "load_spectral_shift",
+    "load_spectral_shift_adapter",
     "load_spectral_shift_into_model",
     "save_spectral_shift",
     "set_spectral_build_dtype",
+    "set_spectral_shift_build_dtype",
     "spectral_adapter_names",
     "to_shift_file",
     "unload_spectral_shift",
 ]
 
-# Pipeline-level API (imports diffusers' pipelines, so it is loaded on first use).
-_PIPELINE_EXPORTS = (
-    "SpectralShiftLoaderMixin",
-    "patch_diffusers",
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-)
-__all__ += list(_PIPELINE_EXPORTS)
+# Pipeline-level API: importing diffusers' pipelines takes seconds, so these load on first use.
+PIPELINE_EXPORTS = {
+    "SpectralShiftLoaderMixin": "pipeline",
+    "patch_diffusers": "pipelines",
+    "StableDiffusionPipeline": "pipelines",
+    "StableDiffusionImg2ImgPipeline": "pipelines",
+    "StableDiffusionInpaintPipeline": "pipelines",
+    "StableDiffusionXLPipeline": "pipelines",
+    "StableDiffusionXLImg2ImgPipeline": "pipelines",
+    "StableDiffusionXLInpaintPipeline": "pipelines",
+}
+__all__ += list(PIPELINE_EXPORTS)
+
+
+def pipeline_attribute(module_name: str, name: str):
+    """A pipeline-level name, imported on first use (the `__getattr__` of this package and of the top level)."""
+    if name in PIPELINE_EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{PIPELINE_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
 
 
 def __getattr__(name):
-    if name in _PIPELINE_EXPORTS:
-        from . import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return pipeline_attribute(__name__, name)

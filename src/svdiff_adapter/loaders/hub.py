@@ -146,6 +146,8 @@ def resolve_shift_files(
         `SpectralShiftNotFoundError` (an `OSError`): missing file/folder/repo/revision/file in repo, or offline and
         not cached. The message says which, and points to `load_lora_weights` when it finds a LoRA instead.
     """
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
+        raise SpectralShiftNotFoundError(f"Give a file, a folder or a Hub repo id to load shifts from, not {source!r}.")
     path = Path(os.path.expanduser(os.fspath(source)))
     if path.is_file():
         return [path]

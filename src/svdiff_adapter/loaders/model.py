@@ -1,13 +1,16 @@
 """Model-level spectral-shift I/O: add, load, save, unload shifts on one torch model (a UNet, a text encoder, ...).
 
-Moves data between files and the tuner; all math lives in `svdiff_adapter.tuner.layer`.
+Moves data between files and the tuner; the math lives in `svdiff_adapter.spectral`, the layers in
+`svdiff_adapter.tuner`. The pipeline mixin (`loaders.pipeline`) delegates here, one component at a time, as
+diffusers' `StableDiffusionLoraLoaderMixin` delegates to the model-level `load_lora_adapter`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from peft import inject_adapter_in_model
@@ -15,24 +18,32 @@ from torch import nn
 
 from ..format import (
     DELTA_SUFFIX,
-    FINGERPRINT_LENGTH,
     SpectralShiftFile,
     SpectralShiftFormatError,
+    base_fingerprint,
     check_finite,
-    fingerprints_match,
+    check_fingerprints,
+    hub_id_or_none,
     load_shift_file,
     save_shift_file,
 )
-from ..svd import SpectralFactors, compute_factors, weight_matrix
+from ..spectral import weight_matrix
+from ..svd import compute_factors, factor_dtype_of
 from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_layers, spectral_layers, svd_options
-from ..tuner.layer import find_spectral_layer, module_kind, unsupported_reason, uses_factors
+from ..tuner.layer import find_spectral_layer
+from ..tuner.targets import fit_shifts
+from .diffusers_compat import mark_peft_loaded
 
+
+logger = logging.getLogger(__name__)
 
 ModelOrComponents = Union[nn.Module, Mapping[str, nn.Module]]
 # Options saved with a file; everything else in the config is rebuilt from the tensors.
-_SAVED_CONFIG_KEYS = ("target_kinds", "norm_mode")
+SAVED_CONFIG_KEYS = ("target_kinds", "norm_mode")
 # Hops that wrappers add to a layer's name: other tuners (".base_layer") and torch.compile ("_orig_mod.").
 _WRAPPER_HOPS = re.compile(r"\.base_layer(?=\.|$)|(?:^|(?<=\.))_orig_mod\.")
+# Adapter names become keys of a ParameterDict and parts of parameter names.
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 def module_path(layer_name: str) -> str:
@@ -40,8 +51,19 @@ def module_path(layer_name: str) -> str:
     return _WRAPPER_HOPS.sub("", layer_name)
 
 
-def _components(models: ModelOrComponents) -> dict[str, nn.Module]:
+def components_of(models: ModelOrComponents) -> dict[str, nn.Module]:
     return dict(models) if isinstance(models, Mapping) else {"": models}
+
+
+def check_adapter_name(adapter_name) -> None:
+    """Adapter names are parts of parameter names: letters, digits, `_` and `-`, not starting with `__`, and not an
+    attribute of torch's containers (`"to"`, `"keys"`)."""
+    if (not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name)
+            or adapter_name.startswith("__") or hasattr(nn.ParameterDict, adapter_name)):
+        raise ValueError(
+            f"Invalid adapter name {adapter_name!r}: use letters, digits, '_' and '-' (no '.', not empty), not "
+            "starting with '__' and not the name of a torch.nn.ParameterDict attribute such as 'to' or 'keys'."
+        )
 
 
 def spectral_adapter_names(model: nn.Module) -> list[str]:
@@ -62,19 +84,13 @@ def add_spectral_shift(
 
     Same as `peft.inject_adapter_in_model(config, model, adapter_name)` plus the SVD cache/progress options.
     """
+    check_adapter_name(adapter_name)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter name {adapter_name!r} is already in use; choose another name.")
     with svd_options(cache=svd_cache, progress=progress):
         inject_adapter_in_model(config or SpectralShiftConfig(), model, adapter_name)
-    _mark_peft_loaded(model)
+    mark_peft_loaded(model)
     return model
-
-
-def _mark_peft_loaded(model: nn.Module) -> None:
-    # diffusers' model-level adapter methods (set_adapter, set_adapters, ...) refuse to run until this flag is set;
-    # its own loaders set it after `inject_adapter_in_model`, as we do.
-    if hasattr(type(model), "_hf_peft_config_loaded"):
-        model._hf_peft_config_loaded = bool(getattr(model, "peft_config", None))
 
 
 def get_spectral_shift_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -89,36 +105,24 @@ def get_spectral_shift_state_dict(model: nn.Module, adapter_name: str = "default
 
 
 def layer_fingerprint(layer: SpectralShiftLayer) -> list[float]:
-    """Leading singular values of the base weight (or ‖γ‖ and leading γ for elementwise norm shifts)."""
-    if layer.uses_factors:
-        return fingerprint_from_singular_values(layer.spectral_S[:FINGERPRINT_LENGTH])
-    return norm_fingerprint(layer.base_layer.weight)
-
-
-def fingerprint_from_singular_values(values) -> list[float]:
-    """Fingerprint values as stored: 7 significant digits, well inside the match tolerance, and a compact header."""
-    return [float(f"{float(v):.7g}") for v in values]
-
-
-def norm_fingerprint(weight: torch.Tensor) -> list[float]:
-    """Fingerprint of a norm weight shifted elementwise (no SVD): ‖γ‖ and the leading elements."""
-    values = weight.detach().float().reshape(-1)
-    return fingerprint_from_singular_values([values.norm()] + list(values[: FINGERPRINT_LENGTH - 1]))
+    """The fingerprint format v1 records for the base weight of a layer."""
+    return base_fingerprint(layer.spectral_S, layer.base_layer.weight)
 
 
 def to_shift_file(
     models: ModelOrComponents, adapter_name: str = "default", base_model: Optional[str] = None,
     base_revision: Optional[str] = None,
 ) -> SpectralShiftFile:
-    """Collect one adapter of one or several components into a `SpectralShiftFile`."""
-    result = SpectralShiftFile(deltas={}, base_model=base_model, base_revision=base_revision)
-    for component, model in _components(models).items():
+    """Collect one adapter of one or several components into a `SpectralShiftFile` (a `base_model` that is a
+    local path is dropped: the fingerprints identify the base)."""
+    result = SpectralShiftFile(deltas={}, base_model=hub_id_or_none(base_model), base_revision=base_revision)
+    for component, model in components_of(models).items():
         if adapter_name not in spectral_adapter_names(model):
             continue
         deltas = get_spectral_shift_state_dict(model, adapter_name)
         config = model.peft_config[adapter_name]
         result.deltas[component] = deltas
-        result.configs[component] = {key: getattr(config, key) for key in _SAVED_CONFIG_KEYS}
+        result.configs[component] = {key: getattr(config, key) for key in SAVED_CONFIG_KEYS}
         result.fingerprints[component] = {
             name: layer_fingerprint(find_spectral_layer(model.get_submodule(name))) for name in deltas
         }
@@ -140,13 +144,6 @@ def save_spectral_shift(
     return save_shift_file(to_shift_file(models, adapter_name, base_model, base_revision), path, dtype=dtype)
 
 
-def _expected_shift_size(module: nn.Module, norm_mode: str) -> int:
-    kind = module_kind(module)
-    if not uses_factors(kind, norm_mode):
-        return module.weight.numel()
-    return min(weight_matrix(module.weight).shape)
-
-
 def load_spectral_shift_into_model(
     model: nn.Module,
     deltas: Mapping[str, torch.Tensor],
@@ -154,63 +151,58 @@ def load_spectral_shift_into_model(
     adapter_name: str = "default",
     *,
     fingerprints: Optional[Mapping[str, list[float]]] = None,
+    require_fingerprints: bool = False,
     svd_cache=None,
     progress: Optional[bool] = None,
+    factor_dtype: Union[torch.dtype, str, None] = None,
 ) -> None:
     """Load shifts (module path → δ) as adapter `adapter_name`. On any error the model is left as it was.
 
-    Checks, before touching the model: the name is free, every module exists and can be shifted, every δ has the
-    right length and is finite, and the base weights match the fingerprints (wrong base model).
+    Checks, before touching the model: the name is valid and free, every module exists and can be shifted, every δ
+    has the right length and is finite, and the base weights match the fingerprints (wrong base model; with
+    `require_fingerprints`, every module must have one). `factor_dtype` (`torch.float16` by default, or
+    `torch.float32`) is the storage dtype of new SVD factors.
     """
     if not isinstance(config, SpectralShiftConfig):
-        options = {k: v for k, v in dict(config or {}).items() if k in _SAVED_CONFIG_KEYS}
+        options = {k: v for k, v in dict(config or {}).items() if k in SAVED_CONFIG_KEYS}
+        if factor_dtype is not None:
+            options["factor_dtype"] = factor_dtype
         config = SpectralShiftConfig(**options)
+    check_adapter_name(adapter_name)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter name {adapter_name!r} is already in use; choose another name or unload it.")
     if not deltas:
         raise SpectralShiftFormatError("No spectral shifts to load for this model.")
     check_finite({"": dict(deltas)})
-
-    existing_layers: dict[str, SpectralShiftLayer] = {}
-    raw_modules: dict[str, nn.Module] = {}
-    problems = []
-    for name, delta in deltas.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name}: no such module")
-            continue
-        layer = find_spectral_layer(module)
-        raw = layer.base_layer if layer is not None else (
-            module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        )
-        if module_kind(raw) is None or unsupported_reason(raw):
-            problems.append(f"{name}: {unsupported_reason(raw) or type(raw).__name__ + ' cannot be shifted'}")
-            continue
-        expected = _expected_shift_size(raw, config.norm_mode)
-        if delta.ndim != 1 or delta.numel() != expected:
-            problems.append(f"{name}: shift has shape {tuple(delta.shape)}, the module needs ({expected},)")
-            continue
-        raw_modules[name] = raw
-        if layer is not None:
-            existing_layers[name] = layer
-    if problems:
+    targets = fit_shifts(model, deltas, config.norm_mode)
+    unchecked = [name for name in deltas if name not in (fingerprints or {})]
+    if require_fingerprints and unchecked:
         raise SpectralShiftFormatError(
-            f"The spectral shift does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems[:6])
-            + (" ..." if len(problems) > 6 else "")
+            f"The file records no base-model fingerprint for {len(unchecked)} module(s), e.g. {unchecked[:3]}, so "
+            "nothing could detect a wrong base model. Re-save it with svdiff-adapter, or load its tensors as a "
+            "state dict to skip the check."
         )
 
+    existing = {name: layer for name in targets if (layer := find_spectral_layer(model.get_submodule(name)))}
     needs_svd = {
-        name: weight_matrix(raw.weight) for name, raw in raw_modules.items()
-        if name not in existing_layers and uses_factors(module_kind(raw), config.norm_mode)
+        name: weight_matrix(target.weight) for name, target in targets.items()
+        if name not in existing and target.decomposed
     }
-    factors = compute_factors(needs_svd, cache=svd_cache, progress=progress, desc=f"SVD for {adapter_name!r}")
+    factors = compute_factors(needs_svd, cache=svd_cache, progress=progress, desc=f"SVD for {adapter_name!r}",
+                              factor_dtype=factor_dtype_of(config.factor_dtype))
     if fingerprints:
-        _check_fingerprints(fingerprints, raw_modules, existing_layers, factors, config.norm_mode)
+        actual = {}
+        for name, target in targets.items():
+            if name in existing:
+                actual[name] = layer_fingerprint(existing[name])
+            else:
+                actual[name] = base_fingerprint(factors[name].S if name in factors else None, target.weight)
+        check_fingerprints(fingerprints, actual)
 
     state_dict = {f"{name}{DELTA_SUFFIX}": delta for name, delta in deltas.items()}
     try:
-        with svd_options(cache=svd_cache, progress=progress, factors=factors):
+        with svd_options(cache=svd_cache, progress=progress, factors=factors,
+                         targets={name: target.module for name, target in targets.items()}):
             inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
         with torch.no_grad():
             for name, delta in deltas.items():
@@ -218,65 +210,64 @@ def load_spectral_shift_into_model(
                 target.copy_(delta.to(target))
     except BaseException:
         remove_spectral_layers(model, [adapter_name])
-        _mark_peft_loaded(model)
+        mark_peft_loaded(model)
         raise
-    _mark_peft_loaded(model)
+    mark_peft_loaded(model)
 
 
-def _check_fingerprints(
-    fingerprints: Mapping[str, list[float]],
-    raw_modules: Mapping[str, nn.Module],
-    existing_layers: Mapping[str, SpectralShiftLayer],
-    factors: Mapping[str, SpectralFactors],
-    norm_mode: str,
-) -> None:
-    mismatched = []
-    for name, expected in fingerprints.items():
-        if name not in raw_modules:
-            continue
-        if name in existing_layers:
-            actual = layer_fingerprint(existing_layers[name])
-        elif name in factors:
-            actual = fingerprint_from_singular_values(factors[name].S[:FINGERPRINT_LENGTH])
-        else:
-            actual = norm_fingerprint(raw_modules[name].weight)
-        if not fingerprints_match(list(expected), actual):
-            mismatched.append(name)
-    if mismatched:
-        raise SpectralShiftFormatError(
-            f"Wrong base model: the weights of {len(mismatched)} of {len(fingerprints)} shifted module(s) differ from "
-            f"the ones the shift was trained on (singular-value fingerprint mismatch), e.g. {mismatched[:5]}. "
-            "Spectral shifts only apply to the exact base model they were trained on."
-        )
-
-
-def load_spectral_shift(
+def load_spectral_shift_adapter(
     models: ModelOrComponents,
     source: Union[str, os.PathLike, SpectralShiftFile],
     adapter_name: str = "default",
     *,
+    components: Optional[Sequence[str]] = None,
     svd_cache=None,
     progress: Optional[bool] = None,
+    factor_dtype: Union[torch.dtype, str, None] = None,
 ) -> SpectralShiftFile:
-    """Load a shift file (v1 or svdiff-pytorch) into a model or `{component: model}`; all or nothing."""
+    """Load a shift file (v1 or svdiff-pytorch) into a model or `{component: model}`; all or nothing.
+
+    Args:
+        models: a model (for a file of one component, or with `components` naming one) or `{component: model}`.
+        source: a file path or a `SpectralShiftFile`.
+        components (*optional*): load only these components of the file; the others are skipped, with a log line
+            saying so. By default every component of the file must be given.
+        factor_dtype (*optional*): storage dtype of new SVD factors (`torch.float16` default, `torch.float32`).
+
+    A v1 file must carry a fingerprint for every module it shifts; one without (edited by hand, or written by
+    another tool) is refused, because nothing could tell a wrong base model. Shifts given as a state dict
+    (`parse_in_memory`) carry none and load unchecked.
+    """
     shift_file = source if isinstance(source, SpectralShiftFile) else load_shift_file(source)
-    components = _components(models)
-    missing = [c for c in shift_file.components if c not in components]
+    wanted = list(shift_file.components) if components is None else list(components)
+    unknown = [c for c in wanted if c not in shift_file.components]
+    if unknown:
+        raise SpectralShiftFormatError(f"The file has no component(s) {unknown} (it has {shift_file.components}).")
+    given = components_of(models)
+    if "" in given and len(given) == 1 and len(wanted) == 1:
+        given = {wanted[0]: given[""]}  # a bare model for the one component asked for
+    missing = [c for c in wanted if c not in given]
     if missing:
         raise SpectralShiftFormatError(
-            f"The file has shifts for component(s) {missing}, which were not given (have: {list(components)})."
+            f"The file has shifts for component(s) {missing}, which were not given (have: {list(given)}); pass "
+            "`components=[...]` to load only some of them."
         )
+    skipped = [c for c in shift_file.components if c not in wanted]
+    if skipped:
+        logger.info("Loading %s of the spectral shift; skipped component(s) %s.", wanted, skipped)
     loaded = []
     try:
-        for component, deltas in shift_file.deltas.items():
+        for component in wanted:
             load_spectral_shift_into_model(
-                components[component], deltas, shift_file.configs.get(component), adapter_name,
-                fingerprints=shift_file.fingerprints.get(component), svd_cache=svd_cache, progress=progress,
+                given[component], shift_file.deltas[component], shift_file.configs.get(component), adapter_name,
+                fingerprints=shift_file.fingerprints.get(component), require_fingerprints=shift_file.source == "v1",
+                svd_cache=svd_cache, progress=progress, factor_dtype=factor_dtype,
             )
             loaded.append(component)
     except BaseException:
         for component in loaded:
-            remove_spectral_layers(components[component], [adapter_name])
+            remove_spectral_layers(given[component], [adapter_name])
+            mark_peft_loaded(given[component])
         raise
     return shift_file
 
@@ -287,17 +278,16 @@ def unload_spectral_shift(model: nn.Module, adapter_names: Optional[list[str]] =
     if unknown:
         raise ValueError(f"Unknown spectral adapter(s) {unknown}; loaded: {spectral_adapter_names(model)}.")
     remove_spectral_layers(model, adapter_names)
-    _mark_peft_loaded(model)
+    mark_peft_loaded(model)
 
 
-
-def set_spectral_build_dtype(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+def set_spectral_shift_build_dtype(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Precision of the U·diag(c)·Vᵀ products that build inference (and fused) weights on `model`.
 
     float32 (default) or bfloat16 / float16: only the change ΔW is rounded (bfloat16: relative error ~2⁻⁸ of ΔW,
-    W itself stays exact), and the build runs about twice as fast on CPUs with bfloat16 instructions (AVX512-BF16,
-    AMX) — float16 is for GPUs, most CPUs multiply it slowly. Gradients always use float32; δ = 0 still gives W bit
-    for bit and unfuse/unload still restore it exactly. Returns the number of layers changed.
+    W itself stays exact), and the build runs faster on CPUs with bfloat16 instructions (docs/performance.md) —
+    float16 is for GPUs, most CPUs multiply it slowly. Gradients always use float32; δ = 0 still gives W bit for
+    bit and unfuse/unload still restore it exactly. Returns the number of layers changed.
     """
     layers = [layer for _, layer in spectral_layers(model) if layer.uses_factors]
     for layer in layers:
@@ -317,3 +307,8 @@ def enable_spectral_switch_cache(model: nn.Module, enabled: bool = True) -> int:
     for layer in layers:
         layer.enable_switch_cache(enabled)
     return len(layers)
+
+
+# Earlier names, kept for existing code.
+load_spectral_shift = load_spectral_shift_adapter
+set_spectral_build_dtype = set_spectral_shift_build_dtype

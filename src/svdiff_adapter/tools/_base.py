@@ -11,11 +11,11 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..format import COMPONENTS, FINGERPRINT_LENGTH, SpectralShiftFile
+from .. import spectral
+from ..format import COMPONENTS, SpectralShiftFile, base_fingerprint, check_fingerprints, qualified_name
 from ..loaders.hub import read_shift_files, resolve_shift_files
-from ..loaders.model import fingerprint_from_singular_values, norm_fingerprint  # the one fingerprint definition
-from ..svd import SpectralFactors, compute_factors, weight_matrix
-from ..tuner.layer import module_kind, unsupported_reason, uses_factors
+from ..svd import SpectralFactors, compute_factors
+from ..tuner.targets import ShiftDoesNotFitError, fit_shifts
 
 
 ShiftSource = Union[str, os.PathLike, SpectralShiftFile]
@@ -32,7 +32,6 @@ def read_shift(source: ShiftSource, **hub_kwargs) -> SpectralShiftFile:
     if isinstance(source, SpectralShiftFile):
         return source
     return read_shift_files(resolve_shift_files(source, **hub_kwargs))
-
 
 
 # ------------------------------------------------------------------------------------------------- base models
@@ -104,19 +103,13 @@ class BaseModule:
         return self.module.weight
 
 
-def _raw_module(model: nn.Module, name: str) -> nn.Module:
-    module = model.get_submodule(name)
-    while hasattr(module, "base_layer"):  # a tuner layer: look at the original module
-        module = module.base_layer
-    return module
-
-
 def base_modules(
     models: Mapping[str, nn.Module], shift_file: SpectralShiftFile, svd_cache=None, progress: Optional[bool] = None,
 ) -> dict[str, dict[str, BaseModule]]:
     """For every module of the file: the base module, its kind and the SVD of its weight (where the shift uses one).
 
-    Raises `ToolError` when a component is missing or a module does not exist / does not fit its δ.
+    Raises `ToolError` when a component is missing or a module does not exist / does not fit its δ (the loaders'
+    own fit check, `tuner.targets.fit_shifts`).
     """
     missing = [c for c in shift_file.components if c not in models]
     if missing:
@@ -124,41 +117,14 @@ def base_modules(
     result: dict[str, dict[str, BaseModule]] = {}
     for component, deltas in shift_file.deltas.items():
         norm_mode = shift_file.configs.get(component, {}).get("norm_mode", "elementwise")
-        found, problems = {}, []
-        for name, delta in deltas.items():
-            try:
-                raw = _raw_module(models[component], name)
-            except AttributeError:
-                problems.append(f"{name}: no such module")
-                continue
-            kind = module_kind(raw)
-            if kind is None or unsupported_reason(raw):
-                problems.append(f"{name}: {type(raw).__name__} cannot be shifted")
-                continue
-            size = raw.weight.numel() if not uses_factors(kind, norm_mode) else min(weight_matrix(raw.weight).shape)
-            if delta.numel() != size:
-                problems.append(f"{name}: δ has {delta.numel()} values, the base module needs {size}")
-                continue
-            found[name] = (raw, kind)
-        if problems:
-            raise ToolError(
-                f"The shift does not fit the base model's {component or 'model'} ({len(problems)} problem(s)): "
-                + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
-            )
-        matrices = {
-            n: weight_matrix(raw.weight.detach()) for n, (raw, kind) in found.items() if uses_factors(kind, norm_mode)
-        }
+        try:
+            targets = fit_shifts(models[component], deltas, norm_mode, what=f"the base model's {component or 'model'}")
+        except ShiftDoesNotFitError as error:
+            raise ToolError(str(error)) from error
+        matrices = {n: spectral.weight_matrix(t.weight.detach()) for n, t in targets.items() if t.decomposed}
         factors = compute_factors(matrices, cache=svd_cache, progress=progress, desc=f"SVD of {component or 'model'}")
-        result[component] = {n: BaseModule(raw, kind, factors.get(n)) for n, (raw, kind) in found.items()}
+        result[component] = {n: BaseModule(t.module, t.kind, factors.get(n)) for n, t in targets.items()}
     return result
-
-
-def spectral_change(info: BaseModule, delta: torch.Tensor) -> torch.Tensor:
-    """The change of the shifted values: ReLU(σ + δ) − σ (or δ itself for elementwise norms), float32."""
-    delta = delta.to(torch.float32)
-    if info.factors is None:
-        return delta
-    return torch.relu(info.factors.S + delta) - info.factors.S
 
 
 def guess_kind(name: str, delta: torch.Tensor, norm_mode: str = "elementwise") -> str:
@@ -189,15 +155,20 @@ def block_of(name: str) -> str:
     return parts[0]
 
 
-def qualified(component: str, name: str) -> str:
-    return f"{component}.{name}" if component else name
+qualified = qualified_name
 
 
 def module_fingerprint(info: BaseModule) -> list[float]:
     """The fingerprint format v1 records for this base module (same numbers as the model loader computes)."""
-    if info.factors is not None:
-        return fingerprint_from_singular_values(info.factors.S[:FINGERPRINT_LENGTH])
-    return norm_fingerprint(info.weight)
+    return base_fingerprint(info.factors.S if info.factors is not None else None, info.weight)
+
+
+def check_base(shift_file: SpectralShiftFile, infos: Mapping[str, Mapping[str, BaseModule]]) -> None:
+    """Raise `WrongBaseModelError` when the base modules differ from the ones the file was trained on."""
+    for component, modules in infos.items():
+        expected = shift_file.fingerprints.get(component, {})
+        check_fingerprints(expected, {name: module_fingerprint(info) for name, info in modules.items()
+                                      if name in expected})
 
 
 def check_not_exists(path: Union[str, os.PathLike, None], overwrite: bool) -> None:

@@ -54,7 +54,8 @@ def svdiff_pytorch_to_v1(
             or a `SpectralShiftFile` read from them.
         base: the base model the shifts were trained on (local folder, model or `{component: model}`); every module
             must exist there with the right size.
-        output (*optional*): a file path, or a folder (then `spectral_shift_weights.safetensors` in it).
+        output (*optional*): a file path, or a folder (then `spectral_shift_weights.safetensors` in it): an existing
+            folder, or a new path without a suffix. An existing file is replaced with `overwrite=True`.
         base_model, base_revision (`str`, *optional*): recorded in the file (e.g. the Hub id of the base).
 
     Returns:
@@ -96,12 +97,15 @@ def v1_to_svdiff_pytorch(
     Returns:
         `dict`: component → path written.
     """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ToolError(f"{os.fspath(output_dir)} is a file, but svdiff-pytorch's shifts are a folder (of "
+                        f"{' and '.join(LEGACY_WEIGHT_NAMES)}): give a folder as the output.")
     shift_file = read_shift(source)
     unsupported = [c for c in shift_file.components if c not in LEGACY_FILE_OF]
     if unsupported:
         raise ToolError(f"svdiff-pytorch files hold only {list(LEGACY_FILE_OF)}; this file also has {unsupported}.")
     infos = base_modules(load_base(base, shift_file.components), shift_file) if base is not None else None
-    output_dir = Path(output_dir)
     paths = {c: output_dir / LEGACY_FILE_OF[c] for c in shift_file.components}
     for path in paths.values():
         check_not_exists(path, overwrite)
@@ -135,7 +139,9 @@ def _output_file(output: Union[str, os.PathLike, None]) -> Optional[Path]:
     if output is None:
         return None
     output = Path(output)
-    return output / DEFAULT_WEIGHT_NAME if output.is_dir() or not output.suffix else output
+    # An existing file is the output whatever its name; a new name without a suffix is a folder to create.
+    is_folder = output.is_dir() or (not output.suffix and not output.exists())
+    return output / DEFAULT_WEIGHT_NAME if is_folder else output
 
 
 __all__ = ["svdiff_pytorch_to_v1", "v1_to_svdiff_pytorch"]

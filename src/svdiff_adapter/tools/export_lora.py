@@ -1,11 +1,13 @@
-"""`svdiff export-lora`: a spectral shift as a LoRA (diffusers/PEFT keys and kohya keys).
+"""`svdiff export-lora`: a spectral shift as a LoRA, in a diffusers-format file and a kohya file.
 
 ΔW = U·diag(c)·Vᵀ with c = ReLU(σ + δ) − σ is already an SVD (up to the signs of c), so its best rank-R
 approximation (Eckart–Young) keeps the R largest |cⱼ|: ΔW_R = Σ_top cⱼ uⱼ vⱼᵀ, relative error
-‖ΔW − ΔW_R‖_F / ‖ΔW‖_F = √(Σ_dropped cⱼ²) / √(Σ cⱼ²). The factors are split evenly:
-lora_B = U[:, top]·diag(sign(c)·√|c|), lora_A = diag(√|c|)·Vᵀ[top, :], so that lora_B @ lora_A = ΔW_R with
-alpha = rank (scale 1; the kohya file uses one alpha for all modules and folds rᵢ/alpha into lora_up). Conv kernels: lora_A is a conv with the kernel's size/stride/padding (c_in → r), lora_B a 1×1
-conv (r → c_out), as in PEFT. Norm weights (1-D) have no LoRA form and are reported as dropped; so are embeddings.
+‖ΔW − ΔW_R‖_F / ‖ΔW‖_F = √(Σ_dropped cⱼ²) / √(Σ cⱼ²). The factors are split evenly: up = U[:, top]·diag(sign(c)·√|c|),
+down = diag(√|c|)·Vᵀ[top, :], so that up @ down = ΔW_R at scale 1 (diffusers file: lora_alpha = r; the kohya file uses
+one alpha for all modules and folds rᵢ/alpha into lora_up). Conv kernels: down is a conv with the kernel's
+size/stride/padding (c_in → r), up a 1×1 conv (r → c_out), as in PEFT. Embeddings (vocab × dim) are exported in the
+diffusers-format file only; norm weights (1-D) have no LoRA form and are reported as dropped. Key names and metadata
+follow the readers (`lora_layout`); `lora_probe` measures how much of the shift's output change each file keeps.
 """
 
 from __future__ import annotations
@@ -14,21 +16,44 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from ..svd import atomic_save_safetensors, one_thread_if_small
+from .. import spectral
+from ..atomic import atomic_save_safetensors
+from ..format import hub_id_or_none
+from ..svd import one_thread_if_small
+from . import lora_layout, lora_probe
 from ._base import (
-    BaseSource, ShiftSource, ToolError, base_modules, check_not_exists, load_base, qualified, read_shift,
+    BaseSource, ShiftSource, ToolError, base_modules, check_base, check_not_exists, load_base, qualified, read_shift,
 )
 
 
-LORA_KINDS = ("linear", "conv2d")
+LORA_KINDS = ("linear", "conv2d", "embedding")
+KOHYA_KINDS = ("linear", "conv2d")
+FORMATS = ("diffusers", "kohya")
 # diffusers' `load_lora_weights` reads LoraConfig kwargs (prefixed by component) from this metadata key.
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_NETWORK_MODULE = "networks.lora"
+
+
+@dataclass
+class ExportedModule:
+    """One module's rank-r factors in the storage dtype, up @ down = ΔW_R (`lora_probe.WeightChange` orientation)."""
+
+    component: str
+    name: str
+    kind: str
+    module: torch.nn.Module
+    down: torch.Tensor
+    up: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
 
 
 @dataclass
@@ -36,25 +61,35 @@ class LoraExport:
     """The result of `export_lora`.
 
     Attributes:
-        state_dict: diffusers/PEFT keys `<component>.<module>.lora_A.weight` / `.lora_B.weight`.
-        metadata: the safetensors metadata written with it (`lora_adapter_metadata`: r, lora_alpha, rank_pattern,
-            alpha_pattern, target_modules per component).
-        kohya_state_dict: `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+        state_dict: the diffusers-format file's tensors (key layout in `lora_layout`).
+        metadata: its safetensors metadata (`lora_adapter_metadata`: r, lora_alpha, rank_pattern, alpha_pattern,
+            target_modules per component; `base_model` when it is a Hub id).
+        kohya_state_dict: the kohya file's tensors, `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` /
+            `.alpha`.
+        kohya_metadata: its metadata (`ss_network_module`, `ss_network_dim`, `ss_network_alpha`,
+            `ss_base_model_version` as kohya's sd-scripts writes them).
         layers: module → {"rank", "max_rank", "relative_error"} for every exported layer.
-        dropped: module → reason, for shifted modules that have no LoRA form (norms, embeddings) or no change.
+        dropped: module → reason, for shifted modules that have no LoRA form (norms) or no change.
+        kohya_skipped: module → reason, for exported modules that only the diffusers-format file holds (embeddings).
         relative_error: ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F over all exported layers together.
+        reproduced: component → {"diffusers": score, "kohya": score}: 1 − ‖out_lora − out_shift‖ /
+            ‖out_shift − out_base‖ on a small probe input (`lora_probe`); empty without the probe.
     """
 
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str]
     kohya_state_dict: dict[str, torch.Tensor]
+    kohya_metadata: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    kohya_skipped: dict[str, str] = field(default_factory=dict)
     relative_error: float = 0.0
+    reproduced: dict[str, Optional[dict[str, Optional[float]]]] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
 
     def report(self) -> dict:
         return {"relative_error": self.relative_error, "layers": self.layers, "dropped": self.dropped,
+                "kohya_skipped": self.kohya_skipped, "output_change_reproduced": self.reproduced,
                 "parameters": sum(t.numel() for t in self.state_dict.values()),
                 "paths": {k: os.fspath(v) for k, v in self.paths.items()}}
 
@@ -84,22 +119,25 @@ def export_lora(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     svd_cache=None,
+    probe: bool = True,
 ) -> LoraExport:
     """Export a spectral shift (at weight 1) as a LoRA of the given rank or energy.
 
     Args:
         source: the shift file (or folder, or `SpectralShiftFile`).
-        base: its base model (local folder, model or `{component: model}`): U, σ, V come from its weights.
+        base: its base model (local folder, model or `{component: model}`): U, σ, V come from its weights, which
+            must be the ones the shift was trained on (`WrongBaseModelError` otherwise).
         rank (`int`, *optional*): the rank of every layer (fewer where the layer has fewer non-zero changes).
         energy (`float`, *optional*): instead of `rank`, per layer the smallest rank keeping this fraction of
             ‖ΔW‖²_F (e.g. `0.99`). Exactly one of `rank` and `energy` is required.
-        output (*optional*): file for diffusers (`pipe.load_lora_weights(path)` or
-            `unet.load_lora_adapter(path, prefix="unet")`).
-        kohya_output (*optional*): file with kohya keys (ComfyUI, A1111).
+        output (*optional*): the diffusers-format file (`pipe.load_lora_weights(path)`, ComfyUI).
+        kohya_output (*optional*): the kohya file (ComfyUI, A1111, LyCORIS, `pipe.load_lora_weights`).
         dtype (`torch.dtype`, *optional*, defaults to float32): storage dtype of the LoRA tensors.
+        probe (`bool`, *optional*, defaults to True): measure on a small input how much of the shift's output
+            change each file reproduces (`LoraExport.reproduced`; a few forward passes of each component).
 
     Returns:
-        `LoraExport` with the state dicts and the per-layer and overall relative errors of ΔW.
+        `LoraExport` with both files' tensors and metadata, the per-layer and overall relative errors of ΔW.
     """
     if (rank is None) == (energy is None):
         raise ToolError("Give exactly one of `rank` (e.g. 8) and `energy` (e.g. 0.99).")
@@ -107,103 +145,172 @@ def export_lora(
         raise ToolError(f"`rank` should be a positive integer but the value passed is {rank!r}.")
     if energy is not None and not 0 < energy <= 1:
         raise ToolError(f"`energy` should be in (0, 1] but the value passed is {energy!r}.")
+    if output is not None and kohya_output is not None and Path(output).resolve() == Path(kohya_output).resolve():
+        raise ToolError(f"The diffusers file and the kohya file are both {os.fspath(output)}; give two paths.")
     for path in (output, kohya_output):
         check_not_exists(path, overwrite)
     shift_file = read_shift(source)
-    infos = base_modules(load_base(base, shift_file.components), shift_file, svd_cache=svd_cache)
+    models = load_base(base, shift_file.components)
+    infos = base_modules(models, shift_file, svd_cache=svd_cache)
+    check_base(shift_file, infos)
+    family = lora_layout.model_family(models)
 
     result = LoraExport(state_dict={}, metadata={}, kohya_state_dict={})
-    total, dropped_total, lora_config, kohya_factors = 0.0, 0.0, {}, {}
+    exported, total, dropped_total = [], 0.0, 0.0
     for component, deltas in shift_file.deltas.items():
-        ranks = {}
         for name, delta in deltas.items():
             info, full_name = infos[component][name], qualified(component, name)
             if info.kind not in LORA_KINDS or info.factors is None:
                 result.dropped[full_name] = f"{info.kind} weights have no LoRA form"
                 continue
-            S = info.factors.S
-            change = torch.relu(S + delta.to(torch.float32)) - S
+            change = spectral.spectral_change(info.factors.S, delta.to(torch.float32))
             squares = change.double().pow(2)
             if not bool((change != 0).any()):
                 result.dropped[full_name] = "no change (δ = 0 or fully clipped at 0)"
                 continue
             top, rest = choose_rank(change, rank, energy)
-            keep = len(top)
             lost = float(squares[rest].sum())
             total += float(squares.sum())
             dropped_total += lost
-            result.layers[full_name] = {"rank": keep, "max_rank": int((change != 0).sum()),
+            result.layers[full_name] = {"rank": len(top), "max_rank": int((change != 0).sum()),
                                         "relative_error": math.sqrt(lost / float(squares.sum()))}
             with one_thread_if_small(info.weight.numel()):
-                lora_A, lora_B = _factors(info, change, top)
-            prefix = f"{component}.{name}" if component else name
-            result.state_dict[f"{prefix}.lora_A.weight"] = lora_A.to(dtype).contiguous()
-            result.state_dict[f"{prefix}.lora_B.weight"] = lora_B.to(dtype).contiguous()
-            kohya_factors[_kohya_name(component, name)] = (lora_A, lora_B, keep)
-            ranks[name] = keep
-        if ranks:
-            lora_config.update({f"{component}.{k}" if component else k: v for k, v in _lora_config(ranks).items()})
-    if not result.state_dict:
+                down, up = _factors(info, change, top)
+            # Rounded to the storage dtype here, so that the probe measures what the files hold.
+            exported.append(ExportedModule(component, name, info.kind, info.module, down.to(dtype), up.to(dtype)))
+            if info.kind not in KOHYA_KINDS:
+                result.kohya_skipped[full_name] = (f"{info.kind}: no kohya key that diffusers and A1111 read; in the "
+                                                   "diffusers-format file")
+    if not exported:
         raise ToolError(f"Nothing to export: every shifted module was dropped ({result.dropped}).")
-    result.kohya_state_dict = _kohya_state_dict(kohya_factors, dtype)
+    kohya_modules = [m for m in exported if m.kind in KOHYA_KINDS]
+    if kohya_output is not None and not kohya_modules:
+        raise ToolError(f"Nothing for the kohya file: it cannot hold {sorted(result.kohya_skipped)}.")
     result.relative_error = math.sqrt(dropped_total / total) if total else 0.0
-    result.metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(lora_config, sort_keys=True),
-                       "svdiff_relative_error": f"{result.relative_error:.6g}"}
-    if shift_file.base_model:
-        result.metadata["base_model"] = shift_file.base_model
+    error_text = f"{result.relative_error:.6g}"
+
+    result.state_dict = _diffusers_state_dict(exported, models, family)
+    result.metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_lora_config(exported), sort_keys=True),
+                       "svdiff_relative_error": error_text}
+    if base_model := hub_id_or_none(shift_file.base_model):  # a local path would only leak where it was made
+        result.metadata["base_model"] = base_model
+    alpha = _common_rank(kohya_modules)
+    result.kohya_state_dict = _kohya_state_dict(kohya_modules, models, family, alpha)
+    result.kohya_metadata = _kohya_metadata(kohya_modules, alpha, family, error_text)
+
+    if probe:
+        result.reproduced = _probe(models, shift_file, infos, exported, result.kohya_state_dict, family)
     if output is not None:
         result.paths["diffusers"] = _save(result.state_dict, output, result.metadata)
     if kohya_output is not None:
-        kohya_metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(
-            v["rank"] for v in result.layers.values())), "svdiff_relative_error": result.metadata["svdiff_relative_error"]}
-        result.paths["kohya"] = _save(result.kohya_state_dict, kohya_output, kohya_metadata)
+        result.paths["kohya"] = _save(result.kohya_state_dict, kohya_output, result.kohya_metadata)
     return result
 
 
 def _factors(info, change: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_A (r × n, or r × c_in × kh × kw) and lora_B (m × r, or c_out × r × 1 × 1) with B @ A = ΔW_R."""
+    """down (r × n, or r × c_in × kh × kw) and up (m × r, or c_out × r × 1 × 1) with up @ down = ΔW_R."""
     U = info.factors.U.to(torch.float32)[:, top]
     Vh = info.factors.Vh.to(torch.float32)[top, :]
     c = change[top]
     root = c.abs().sqrt()
-    lora_B = U * (torch.sign(c) * root)
-    lora_A = root[:, None] * Vh
+    up = U * (torch.sign(c) * root)
+    down = root[:, None] * Vh
     weight = info.weight
     if info.kind == "conv2d":
-        lora_A = lora_A.reshape(len(top), *weight.shape[1:])
-        lora_B = lora_B.reshape(weight.shape[0], len(top), 1, 1)
-    return lora_A, lora_B
+        down = down.reshape(len(top), *weight.shape[1:])
+        up = up.reshape(weight.shape[0], len(top), 1, 1)
+    return down, up
 
 
-def _lora_config(ranks: dict[str, int]) -> dict:
-    """LoraConfig kwargs for one component: the most common rank, per-module patterns (alpha = rank: scale 1)."""
-    common = max(set(ranks.values()), key=list(ranks.values()).count)
-    # '^name' anchors PEFT's pattern match `(.*\.)?(key)$` at the start (diffusers writes patterns the same way).
-    pattern = {f"^{name}": r for name, r in ranks.items() if r != common}
-    return {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-            "target_modules": sorted(ranks), "init_lora_weights": False}
+def _diffusers_state_dict(exported: list[ExportedModule], models, family) -> dict[str, torch.Tensor]:
+    state_dict = {}
+    for m in exported:
+        model = models[m.component]
+        a_key, b_key = lora_layout.diffusers_keys(m.component, model, m.name, m.kind)
+        if m.kind == "embedding":
+            # PEFT's embedding LoRA: out = embedding(ids, Aᵀ) @ Bᵀ, so A = upᵀ (r × vocab), B = downᵀ (dim × r).
+            state_dict[a_key], state_dict[b_key] = m.up.T.contiguous(), m.down.T.contiguous()
+        else:
+            state_dict[a_key], state_dict[b_key] = m.down.contiguous(), m.up.contiguous()
+        comfyui_key = lora_layout.comfyui_generic_key(m.component, model, m.name, family)
+        if comfyui_key is not None:  # ComfyUI's LoRA: ΔW = lora_B @ lora_A; copies (safetensors refuses shared memory)
+            state_dict[f"{comfyui_key}.lora_A.weight"] = m.down.clone()
+            state_dict[f"{comfyui_key}.lora_B.weight"] = m.up.clone()
+    return state_dict
 
 
-def _kohya_state_dict(factors: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _lora_config(exported: list[ExportedModule]) -> dict:
+    """LoraConfig kwargs per component, prefixed by component as diffusers' `save_lora_weights` writes them: the most
+    common rank, per-module rank/alpha patterns (alpha = rank: scale 1) and the PEFT default initialisation, so that
+    a module a reader does not find stays unchanged (lora_B = 0) instead of getting random weights."""
+    config = {}
+    for component in dict.fromkeys(m.component for m in exported):
+        ranks = {lora_layout.peft_target_name(component, m.name): m.rank for m in exported if m.component == component}
+        common = _common_rank([m for m in exported if m.component == component])
+        # '^name' anchors PEFT's pattern match `(.*\.)?(key)$` at the start (diffusers writes patterns the same way);
+        # text-encoder names stay unanchored so that they match with and without `text_model.`.
+        anchor = "" if component.startswith("text_encoder") else "^"
+        pattern = {f"{anchor}{name}": r for name, r in ranks.items() if r != common}
+        kwargs = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+                  "target_modules": sorted(ranks)}
+        config.update({f"{component}.{k}" if component else k: v for k, v in kwargs.items()})
+    return config
+
+
+def _common_rank(modules: list[ExportedModule]) -> int:
+    ranks = [m.rank for m in modules]
+    return max(set(ranks), key=ranks.count) if ranks else 0
+
+
+def _kohya_state_dict(modules: list[ExportedModule], models, family, alpha: int) -> dict[str, torch.Tensor]:
     """kohya keys with ONE alpha for all modules; each lora_up carries rᵢ/alpha so that (alpha/rᵢ)·up·down = ΔW_R.
 
     Per-module alphas would be equally valid kohya files, but diffusers' kohya loader (0.42) maps differing alphas to
     wrong module names and silently applies scale alpha_common/rᵢ instead (measured: output error 0.035 vs 2e-6).
     """
-    ranks = [rank for _, _, rank in factors.values()]
-    alpha = max(set(ranks), key=ranks.count)
     state_dict = {}
-    for key, (lora_A, lora_B, rank) in factors.items():
-        state_dict[f"{key}.lora_down.weight"] = lora_A.to(dtype).contiguous()
-        state_dict[f"{key}.lora_up.weight"] = (lora_B * (rank / alpha)).to(dtype).contiguous()
-        state_dict[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    for m in modules:
+        key = lora_layout.kohya_name(m.component, models[m.component], m.name, family)
+        state_dict[f"{key}.lora_down.weight"] = m.down.contiguous()
+        state_dict[f"{key}.lora_up.weight"] = (m.up.float() * (m.rank / alpha)).to(m.up.dtype).contiguous()
+        state_dict[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=m.up.dtype)
     return state_dict
 
 
-def _kohya_name(component: str, name: str) -> str:
-    if component.startswith("text_encoder"):
-        name = "text_model." + name  # kohya names follow the transformers 4.x layout
-    return KOHYA_PREFIX.get(component, "lora_") + name.replace(".", "_")
+def _kohya_metadata(modules: list[ExportedModule], alpha: int, family: Optional[str], error_text: str) -> dict:
+    """sd-scripts' keys; like its `networks/resize_lora.py`, "Dynamic" dim and alpha where the ranks differ."""
+    uniform = len({m.rank for m in modules}) <= 1
+    metadata = {"ss_network_module": KOHYA_NETWORK_MODULE,
+                "ss_network_dim": str(alpha) if uniform else "Dynamic",
+                "ss_network_alpha": str(float(alpha)) if uniform else "Dynamic",
+                "svdiff_relative_error": error_text}
+    if family is not None:
+        metadata["ss_base_model_version"] = family
+    return metadata
+
+
+def _probe(models, shift_file, infos, exported: list[ExportedModule], kohya_state_dict, family) -> dict:
+    """Per component, the output change each file reproduces, from the tensors as each file stores them."""
+    scores = {}
+    for component, deltas in shift_file.deltas.items():
+        shift = lora_probe.shift_changes(deltas, infos[component])
+        files = {label: [] for label in FORMATS}
+        for m in exported:
+            if m.component != component:
+                continue
+            files["diffusers"].append(lora_probe.lora_change(m.module, m.kind, m.down, m.up))
+            if m.kind in KOHYA_KINDS:
+                key = lora_layout.kohya_name(component, models[component], m.name, family)
+                files["kohya"].append(lora_probe.WeightChange(m.module, m.kind,
+                                                              partial(_kohya_factors, kohya_state_dict, key)))
+        scores[component] = lora_probe.reproduced(models[component], shift, files)
+    return scores
+
+
+def _kohya_factors(state_dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of a kohya module with its scale alpha / rank applied, as kohya readers compute it."""
+    down, up = state_dict[f"{key}.lora_down.weight"], state_dict[f"{key}.lora_up.weight"]
+    return down, up.float() * (float(state_dict[f"{key}.alpha"]) / down.shape[0])
 
 
 def _save(tensors, path, metadata) -> Path:

@@ -16,10 +16,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .. import spectral
 from ..format import SpectralShiftFile, save_shift_file
+from ..svd import one_thread_if_small
 from ..tuner.config import MODULE_KINDS, NORM_MODES
-from ..svd import one_thread_if_small, weight_matrix
-from ..tuner.layer import module_kind, unsupported_reason, uses_factors
+from ..tuner.targets import module_kind, unsupported_reason, uses_factors
 from ._base import BaseSource, ToolError, base_modules, check_not_exists, load_base, module_fingerprint, qualified
 
 
@@ -93,7 +94,7 @@ def extract_shift(
         changed[component] = {}
         for name, module in base_params.items():
             kind = module_kind(module)
-            if kind not in target_kinds or unsupported_reason(module):
+            if kind not in target_kinds or unsupported_reason(module, base_params[name.rpartition(".")[0]]):
                 continue
             other = tuned_params.get(name)
             if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
@@ -105,8 +106,8 @@ def extract_shift(
             if not is_changed:
                 unchanged.append(qualified(component, name))
                 continue
-            size = module.weight.numel() if not uses_factors(kind, norm_mode) else min(weight_matrix(module.weight).shape)
-            changed[component][name] = torch.zeros(size)
+            changed[component][name] = torch.zeros(
+                spectral.shift_length(module.weight.shape, uses_factors(kind, norm_mode)))
             differences[(component, name)] = difference
     config = {"target_kinds": list(target_kinds), "norm_mode": norm_mode}
     probe = SpectralShiftFile(deltas={c: d for c, d in changed.items() if d},
@@ -150,18 +151,12 @@ def _project(info, difference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         return difference.reshape(-1).clone(), difference
     U = info.factors.U.to(torch.float64)
     Vh = info.factors.Vh.to(torch.float64)
-    matrix = difference.reshape(U.shape[0], -1).to(torch.float64)
-    if U.shape[0] >= Vh.shape[1]:
-        rhs = ((U.T @ matrix) * Vh).sum(dim=1)
-    else:
-        rhs = ((matrix @ Vh.T) * U).sum(dim=0)
+    rhs = spectral.diagonal_projection(U, Vh, spectral.weight_matrix(difference).to(torch.float64))
     gram = (U.T @ U) * (Vh @ Vh.T)
-    change = torch.linalg.solve(gram, rhs).to(torch.float32)
-    S = info.factors.S
     # σ + c < 0 cannot be reached (the ReLU gives 0, i.e. c = −σ); δ = c keeps that value clipped at 0.
-    delta = change
-    effective = torch.relu(S + delta) - S
-    approximation = ((info.factors.U.to(torch.float32) * effective) @ info.factors.Vh.to(torch.float32))
+    delta = torch.linalg.solve(gram, rhs).to(torch.float32)
+    effective = spectral.spectral_change(info.factors.S, delta)
+    approximation = spectral.factor_product(info.factors.U, info.factors.Vh, effective)
     return delta, approximation.reshape(difference.shape)
 
 

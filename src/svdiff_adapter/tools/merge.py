@@ -1,7 +1,9 @@
 """`svdiff merge`: several shift files → one file, exactly equivalent to `set_adapters(names, weights)`.
 
 A layer with active adapters i applies ReLU(σ + Σᵢ wᵢδᵢ): the combination is linear inside the ReLU, so the single
-shift δ = Σᵢ wᵢδᵢ (computed in float32, in the same order as the layer does) gives the same weights, bit for bit.
+shift δ = Σᵢ wᵢδᵢ (`spectral.combine_shifts`, the function the layers call) gives the same weights, bit for bit.
+Files are for the same base model when their fingerprints agree; `base_model` ids (Hub ids, or nothing) only
+decide when the files share no fingerprinted module.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from .. import spectral
 from ..format import SpectralShiftFile, fingerprints_match, save_shift_file
 from ._base import ShiftSource, ToolError, check_not_exists, qualified, read_shift
 
@@ -77,7 +80,8 @@ def merge_shifts(
         weights 0/1 give the same).
 
     Raises:
-        `ToolError`: different base models (different `base_model` ids or fingerprints), different `norm_mode`s,
+        `ToolError`: different base models (different fingerprints; different `base_model` ids where the files
+        share no fingerprinted module), different `norm_mode`s,
         δ lengths that disagree, unknown mode, a weight count that does not match, a block prefix that selects
         nothing.
     """
@@ -86,43 +90,41 @@ def merge_shifts(
     files = [read_shift(source) for source in sources]
     selections = _selections(files, blocks)
 
-    bases = {f.base_model for f in files if f.base_model}
-    if len(bases) > 1:
-        raise ToolError(f"The files were trained on different base models {sorted(bases)}; they cannot be merged.")
-    merged = SpectralShiftFile(
-        deltas={}, base_model=next(iter(bases), None),
-        base_revision=next((f.base_revision for f in files if f.base_revision), None),
-        source="v1",
-    )
+    merged = SpectralShiftFile(deltas={}, source="v1")
+    terms: dict[tuple[str, str], list[tuple[torch.Tensor, float]]] = {}
+    shared_fingerprint = False
     for index, (shift_file, weight) in enumerate(zip(files, weights)):
         for component, deltas in shift_file.deltas.items():
-            config = shift_file.configs.get(component, {})
-            _merge_config(merged, component, config, index)
+            _merge_config(merged, component, shift_file.configs.get(component, {}), index)
             fingerprints = shift_file.fingerprints.get(component, {})
-            target = merged.deltas.setdefault(component, {})
             known = merged.fingerprints.setdefault(component, {})
             for name, delta in deltas.items():
                 if selections[index] is not None and not _matches_prefix(component, name, selections[index]):
                     continue
                 if name in fingerprints:
-                    if name in known and not fingerprints_match(known[name], list(fingerprints[name])):
-                        raise ToolError(
-                            f"Different base models: the fingerprint of {qualified(component, name)} in file "
-                            f"{index + 1} ({fingerprints[name]}) differs from an earlier file's ({known[name]})."
-                        )
+                    if name in known:
+                        shared_fingerprint = True
+                        if not fingerprints_match(known[name], list(fingerprints[name])):
+                            raise ToolError(
+                                f"Different base models: the fingerprint of {qualified(component, name)} in file "
+                                f"{index + 1} ({fingerprints[name]}) differs from an earlier file's ({known[name]})."
+                            )
                     known.setdefault(name, list(fingerprints[name]))
-                # The same float32 operations, in the same order, as SpectralShiftLayer.combined_shift.
-                term = delta.to(torch.float32) * weight
-                if name in target:
-                    if target[name].shape != term.shape:
-                        raise ToolError(
-                            f"{qualified(component, name)} has {term.numel()} values in file {index + 1} but "
-                            f"{target[name].numel()} in an earlier file: not the same base model or norm mode."
-                        )
-                    target[name] = target[name] + term
-                else:
-                    target[name] = term
-    merged.deltas = {c: d for c, d in merged.deltas.items() if d}
+                module_terms = terms.setdefault((component, name), [])
+                if module_terms and module_terms[0][0].shape != delta.shape:
+                    raise ToolError(
+                        f"{qualified(component, name)} has {delta.numel()} values in file {index + 1} but "
+                        f"{module_terms[0][0].numel()} in an earlier file: not the same base model or norm mode."
+                    )
+                module_terms.append((delta, weight))
+    bases = {f.base_model for f in files if f.base_model}
+    if len(bases) > 1 and not shared_fingerprint:
+        raise ToolError(f"The files name different base models {sorted(bases)} and share no fingerprinted module; "
+                        "they cannot be checked to fit one base.")
+    for (component, name), module_terms in terms.items():
+        merged.deltas.setdefault(component, {})[name] = spectral.combine_shifts(module_terms, module_terms[0][0].numel())
+    merged.base_model = next(iter(sorted(bases)), None) if len(bases) == 1 else None
+    merged.base_revision = next((f.base_revision for f in files if f.base_revision), None) if merged.base_model else None
     merged.configs = {c: merged.configs[c] for c in merged.deltas}
     merged.fingerprints = {c: f for c, f in merged.fingerprints.items() if c in merged.deltas and f}
     if not merged.deltas:

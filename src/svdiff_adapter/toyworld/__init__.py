@@ -2,7 +2,7 @@
 
 >>> from svdiff_adapter import toyworld as tw
 >>> batch = tw.make_batch(8, seed=0)                 # images, labels, prompts
->>> pipe = tw.load_toyworld_pipeline()              # StableDiffusionPipeline (bundled assets)
+>>> pipe = tw.load_toyworld_pipeline()              # svdiff_adapter.StableDiffusionPipeline (bundled assets)
 >>> images = tw.generate(pipe, ["a red star on a blue background"], seed=0)
 >>> tw.judge_images(images)                          # {"shape": [...], "color": [...], ...}
 
@@ -101,9 +101,11 @@ def assets_available() -> dict[str, bool]:
 
 
 def load_toyworld_pipeline(path: Union[str, Path, None] = None, device: str = "cpu", dtype=None):
-    """Load the toy-world ``StableDiffusionPipeline`` (default: the bundled one) in float32 unless ``dtype``."""
+    """Load the toy-world pipeline (default: the bundled one) in float32 unless ``dtype``: an
+    ``svdiff_adapter.StableDiffusionPipeline``, so ``pipe.load_spectral_shift(...)`` works on it."""
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from ..loaders.pipelines import StableDiffusionPipeline
 
     path = Path(path) if path is not None else PIPELINE_DIR
     if not (path / "model_index.json").is_file():

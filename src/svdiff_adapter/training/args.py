@@ -1,10 +1,55 @@
 """Command-line options of DreamBooth-style spectral-shift training, named as in diffusers'
-`examples/dreambooth/train_dreambooth.py` wherever that script has the option."""
+`examples/dreambooth/train_dreambooth.py` wherever that script has the option.
+
+Imports neither torch nor diffusers: ``svdiff train --help`` builds its parser from this module alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Optional, Sequence
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help, except for defaults that mean "not set" (None, False), which
+    the help text explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# Option → (lowest allowed value, whether that value is allowed): checked by `check_train_arguments`.
+_AT_LEAST = {
+    "resolution": (1, True), "num_class_images": (0, True), "sample_batch_size": (1, True),
+    "class_inference_steps": (1, True), "train_batch_size": (1, True), "max_train_steps": (1, True),
+    "gradient_accumulation_steps": (1, True), "lr_warmup_steps": (0, True), "lr_num_cycles": (1, True),
+    "checkpointing_steps": (0, True), "checkpoints_total_limit": (1, True), "num_validation_images": (1, True),
+    "validation_steps": (0, True), "validation_inference_steps": (1, True),
+    "learning_rate": (0, False), "learning_rate_1d": (0, True), "prior_loss_weight": (0, True),
+    "unmix_weight": (0, True), "adam_weight_decay": (0, True), "adam_epsilon": (0, False),
+    "max_grad_norm": (0, True), "lr_power": (0, False),
+}
+# Option → closed interval of allowed values.
+_BETWEEN = {"cutmix_prob": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """Refuse numeric options out of range (a batch size of 0, -1 steps, a NaN learning rate ...) before anything is
+    loaded; the `ValueError` names the option and the value."""
+    for name, (lowest, allowed) in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and (value >= lowest if allowed else value > lowest)):
+            bound = f">= {lowest}" if allowed else f"> {lowest}"
+            raise ValueError(f"--{name} should be {bound}, got {value}.")
+    for name, (lowest, highest) in _BETWEEN.items():
+        value = getattr(args, name, None)
+        if value is not None and not lowest <= value <= highest:
+            raise ValueError(f"--{name} should be in [{lowest:g}, {highest:g}], got {value}.")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,8 +107,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=1, help="Instance samples per device and step.")
     optim.add_argument("--max_train_steps", type=int, default=500, help="Optimizer steps.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches whose gradients make one optimizer step.")
+    optim.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass (less memory, slower).")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="Learning rate of 2-D/4-D shifts.")
     optim.add_argument("--learning_rate_1d", type=float, default=1e-6, help="Learning rate of 1-D (norm) shifts.")
     optim.add_argument("--scale_lr", action="store_true",
@@ -71,42 +118,48 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim.add_argument("--lr_scheduler", type=str, default="constant",
                        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
                             '"constant_with_warmup".')
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--lr_num_cycles", type=int, default=1)
-    optim.add_argument("--lr_power", type=float, default=1.0)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear learning-rate warm-up.")
+    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     optim.add_argument("--use_8bit_adam", action="store_true", help="AdamW 8-bit (needs bitsandbytes).")
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's β₁.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's β₂.")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's ε.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: off).")
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Autocast precision; shifts, SVD factors and the UNet's base weights stay fp32.")
     optim.add_argument("--seed", type=int, default=None, help="Seed for a reproducible (and resumable) run.")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", type=str, default="svdiff-model")
-    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    output.add_argument("--output_dir", type=str, default="svdiff-model",
+                        help="Where the shift file, checkpoints and validation images go.")
+    output.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="Save a checkpoint every N steps (0: only on Ctrl-C).")
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     output.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help='"latest" or a checkpoint folder to continue from.')
-    output.add_argument("--validation_prompt", type=str, default=None)
-    output.add_argument("--num_validation_images", type=int, default=4)
-    output.add_argument("--validation_steps", type=int, default=100)
-    output.add_argument("--validation_inference_steps", type=int, default=25)
+    output.add_argument("--validation_prompt", type=str, default=None,
+                        help="Render images of this prompt during training (output_dir/validation/).")
+    output.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    output.add_argument("--validation_steps", type=int, default=100, help="Validate every N steps (0: never).")
+    output.add_argument("--validation_inference_steps", type=int, default=25,
+                        help="Denoising steps of a validation image.")
     output.add_argument("--report_to", type=str, default="tensorboard",
                         help='"tensorboard", "wandb", "all" or "none" (skipped if not installed).')
-    output.add_argument("--logging_dir", type=str, default="logs")
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
-    output.add_argument("--hub_model_id", type=str, default=None)
-    output.add_argument("--hub_token", type=str, default=None)
+    output.add_argument("--hub_model_id", type=str, default=None,
+                        help="Hub repo to push to (default: the name of --output_dir).")
+    output.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
     output.add_argument("--svd_cache", type=str, default=None,
                         help='Folder of the SVD cache (default: the shared cache; "none" to disable).')
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train SVDiff spectral shifts, DreamBooth-style.")
+    parser = argparse.ArgumentParser(description="Train SVDiff spectral shifts, DreamBooth-style.",
+                                     formatter_class=DefaultsHelpFormatter)
     return add_train_arguments(parser)
 
 

@@ -1,4 +1,4 @@
-"""Cut-Mix-Unmix samples (SVDiff §3, docs/method.md §4): two subjects cut and joined into one image and prompt.
+"""Cut-Mix-Unmix samples (SVDiff paper, §3): two subjects cut and joined into one image and prompt.
 
 Each subject keeps the central strip of its (already cropped) image: for a left/right join the strip of half the
 width, for a top/bottom join the strip of half the height. A strip is placed in its half; region masks say which

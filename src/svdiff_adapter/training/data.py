@@ -45,11 +45,14 @@ class DreamBoothData:
         cutmix_prob (`float`, defaults to 0.6): probability that an instance sample is a Cut-Mix of two subjects.
         with_prior_preservation (`bool`): add one class sample per instance sample (made the same way).
         class_images (`list[list[PIL.Image]]`, *optional*): class images per subject (required with prior).
+        instance_images (`list[list[PIL.Image]]`, *optional*): instance images per subject, already read (default:
+            read from each subject's folder).
     """
 
     def __init__(self, subjects: Sequence[Subject], transform: ImageTransform, cutmix_prob: float = 0.6,
                  with_prior_preservation: bool = False,
-                 class_images: Optional[Sequence[Sequence[Image.Image]]] = None) -> None:
+                 class_images: Optional[Sequence[Sequence[Image.Image]]] = None,
+                 instance_images: Optional[Sequence[Sequence[Image.Image]]] = None) -> None:
         if not subjects:
             raise TrainingDataError("No subjects to train on: give --instance_data_dir or --subject.")
         if not 0.0 <= cutmix_prob <= 1.0:
@@ -64,7 +67,11 @@ class DreamBoothData:
                     f"Cut-Mix-Unmix composes prompts from each subject's identifier and class; subject(s) {missing} "
                     "lack one (give class=dog and an identifier in the prompt, or set --cutmix_prob 0)."
                 )
-        self.instance_images = [load_images(s.instance_data_dir, what="instance image") for s in self.subjects]
+        if instance_images is None:
+            instance_images = [load_images(s.instance_data_dir, what="instance image") for s in self.subjects]
+        if len(instance_images) != len(self.subjects):
+            raise ValueError(f"Got instance images for {len(instance_images)} subjects, expected {len(self.subjects)}.")
+        self.instance_images = [list(images) for images in instance_images]
         self.with_prior_preservation = with_prior_preservation
         self.class_images = [list(images) for images in class_images] if class_images is not None else None
         if with_prior_preservation:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -12,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Longer side / shorter side. Training crops a square and editing keeps the shape at the shorter side's
+# resolution, so a 4000×2 image would become 1,024,000×512 pixels (training) or 64,000×32 (editing).
+MAX_ASPECT_RATIO = 4.0
 
 
 class TrainingDataError(ValueError):
@@ -33,12 +38,47 @@ def list_images(folder: Union[str, os.PathLike], *, what: str = "image", allow_e
     return files
 
 
+def check_image_size(size: tuple[int, int], name: str) -> None:
+    """Refuse an image with more pixels than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about
+    89 million by default) or an aspect ratio beyond `MAX_ASPECT_RATIO`; `name` says which image in the message."""
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise TrainingDataError(f"The image {name} is {width}×{height} ({width * height:,} pixels), more than the "
+                                f"{limit:,} pixels allowed (PIL.Image.MAX_IMAGE_PIXELS); downscale it first.")
+    if min(width, height) < 1:
+        raise TrainingDataError(f"The image {name} is empty ({width}×{height}).")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise TrainingDataError(f"The image {name} is {width}×{height}; its sides may differ by a factor of at most "
+                                f"{MAX_ASPECT_RATIO:g} (its shorter side is scaled to the resolution): crop it first.")
+
+
+def _refuse_decompression_bomb(path, error: Exception) -> TrainingDataError:
+    # PIL refuses before the size is known to us; its message says how many pixels the header declares.
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = f"{int(found.group(1)):,} pixels" if found else str(error)
+    return TrainingDataError(f"The image {str(path)!r} is too large ({pixels}; at most {Image.MAX_IMAGE_PIXELS:,} "
+                             "pixels are allowed, PIL.Image.MAX_IMAGE_PIXELS); downscale it first.")
+
+
 def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image as RGB: EXIF rotation applied; L, P, RGBA, CMYK, I;16 ... converted (alpha on white)."""
+    """Open an image as RGB: EXIF rotation applied; L, P, RGBA, CMYK, I;16 ... converted (alpha on white).
+
+    Raises `TrainingDataError` naming the file when it cannot be read or its size is refused (`check_image_size`);
+    the size is checked from the file's header, before the pixels are decoded.
+    """
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():
+            # PIL only warns between 1× and 2× its pixel limit and decodes anyway: refuse those as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                check_image_size(opened.size, repr(str(path)))
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+    except TrainingDataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise _refuse_decompression_bomb(path, error) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise TrainingDataError(f"Cannot read image {str(path)!r}: {error}") from error
     return to_rgb(image)

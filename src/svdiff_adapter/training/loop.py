@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -15,9 +18,10 @@ from ..format import DEFAULT_WEIGHT_NAME
 from ..loaders import add_spectral_shift, save_spectral_shift
 from ..tuner import SpectralShiftConfig
 from .attention import CrossAttentionStore, install_attention_recorders
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .args import check_train_arguments
+from .checkpoint import load_checkpoint, recover_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothData
-from .images import ImageTransform
+from .images import ImageTransform, load_images
 from .loss import training_loss
 from .optim import make_optimizer, trainable_parameters
 from .publish import push_output, run_validation
@@ -25,6 +29,55 @@ from .prepare import build_subjects, load_components, prepare_class_images, svd_
 
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `train`: raised after the checkpoint of the last completed step was saved.
+
+    Attributes:
+        checkpoint (`Path`, *optional*): the checkpoint saved (None on processes other than the main one, and when
+            a second Ctrl-C stopped the step midway, so nothing consistent could be saved).
+        global_step (`int`): the last completed step.
+    """
+
+    def __init__(self, checkpoint: Optional[Path], global_step: int) -> None:
+        super().__init__(f"Training interrupted at step {global_step}.")
+        self.checkpoint = checkpoint
+        self.global_step = global_step
+
+
+class _StopNow(KeyboardInterrupt):
+    """A second Ctrl-C, raised wherever the step was."""
+
+
+class _DeferredInterrupt:
+    """While active, a first Ctrl-C only sets `requested`: the loop stops at the end of the step, so the checkpoint
+    holds a finished step (an optimizer step cut in half could not be resumed exactly). A second Ctrl-C raises
+    `KeyboardInterrupt` at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:
+            raise _StopNow
+        self.requested = True
+        logger.warning("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to stop now, "
+                       "without saving).")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_DeferredInterrupt"]:
+        # Only Python's own handler is replaced, and only from the main thread (where signal handlers run).
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield self
+            return
+        signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _step_generator(seed: Optional[int], process_index: int, micro_step: int) -> torch.Generator:
     # One generator per micro-step and process: the data, noise and timesteps of step k do not depend on how the
@@ -35,7 +88,12 @@ def _step_generator(seed: Optional[int], process_index: int, micro_step: int) ->
 
 # ------------------------------------------------------------------------------------------------ train
 def train(args: argparse.Namespace) -> dict:
-    """Train spectral shifts; returns a summary (paths, steps, last losses). See docs/training.md."""
+    """Train spectral shifts; returns a summary (paths, steps, last losses). See docs/training.md.
+
+    Raises `ValueError` for options out of range before anything is loaded, and `TrainingInterrupted` (a
+    `KeyboardInterrupt`) after Ctrl-C, once the checkpoint of the last completed step is saved.
+    """
+    check_train_arguments(args)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -50,14 +108,23 @@ def train(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
     set_seed(args.seed)
+    subjects = build_subjects(args)
+    # Read (and check) the instance images before anything is written or loaded.
+    instance_images = [load_images(s.instance_data_dir, what="instance image") for s in subjects]
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        for restored in recover_checkpoints(args.output_dir):
+            logger.warning("Restored %s, which a crashed run had left half-replaced.", restored)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.warning("No checkpoint found in %s; starting a new run.", args.output_dir)
 
-    subjects = build_subjects(args)
     transform = ImageTransform(args.resolution, center_crop=args.center_crop, random_flip=args.random_flip)
     class_images = prepare_class_images(args, subjects, accelerator)
     data = DreamBoothData(subjects, transform, cutmix_prob=args.cutmix_prob,
-                          with_prior_preservation=args.with_prior_preservation, class_images=class_images)
+                          with_prior_preservation=args.with_prior_preservation, class_images=class_images,
+                          instance_images=instance_images)
 
     unet, frozen = load_components(args)
     text_encoders = {component: model for component, model in (("text_encoder", frozen.text_encoder),
@@ -111,9 +178,6 @@ def train(args: argparse.Namespace) -> dict:
     frozen.text_encoder_2 = wrapped.get("text_encoder_2", frozen.text_encoder_2)
 
     global_step = 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.warning("No checkpoint found in %s; starting a new run.", args.output_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, models, name, optimizer, lr_scheduler)
         global_step = int(state["global_step"])
@@ -136,43 +200,53 @@ def train(args: argparse.Namespace) -> dict:
     accumulation = args.gradient_accumulation_steps
     for model in trained.values():
         model.train()
+    interrupt = _DeferredInterrupt()
     try:
-        while global_step < args.max_train_steps:
-            parts_sum: dict[str, float] = {}
-            for micro in range(accumulation):
-                generator = _step_generator(args.seed, accelerator.process_index, global_step * accumulation + micro)
-                batch = data.sample(args.train_batch_size, generator)
-                with accelerator.accumulate(*wrapped.values()):
-                    with accelerator.autocast():
-                        loss, parts = training_loss(
-                            unet, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
-                            unmix_weight=args.unmix_weight, store=store, train_text_encoder=args.train_text_encoder)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(list(trainable_parameters(optimizer)), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for key, value in parts.items():
-                    parts_sum[key] = parts_sum.get(key, 0.0) + value / accumulation
-            global_step += 1
-            progress.update(1)
-            logs = {**parts_sum, "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(loss=f"{parts_sum['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-            history.append(logs)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                checkpoint_now(global_step)
-            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
-                if accelerator.is_main_process:
-                    run_validation(args, accelerator, models, frozen, global_step)
-    except KeyboardInterrupt:
-        accelerator.print(f"Interrupted: saving a checkpoint at step {global_step} before exiting.")
-        if accelerator.is_main_process:
-            save_checkpoint(args.output_dir, global_step, models, name, optimizer, lr_scheduler,
-                            extra={"seed": args.seed, "interrupted": True}, total_limit=args.checkpoints_total_limit)
+        with interrupt.installed():
+            while global_step < args.max_train_steps:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                parts_sum: dict[str, float] = {}
+                for micro in range(accumulation):
+                    generator = _step_generator(args.seed, accelerator.process_index,
+                                                global_step * accumulation + micro)
+                    batch = data.sample(args.train_batch_size, generator)
+                    with accelerator.accumulate(*wrapped.values()):
+                        with accelerator.autocast():
+                            loss, parts = training_loss(
+                                unet, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
+                                unmix_weight=args.unmix_weight, store=store,
+                                train_text_encoder=args.train_text_encoder)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm:
+                            accelerator.clip_grad_norm_(list(trainable_parameters(optimizer)), args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for key, value in parts.items():
+                        parts_sum[key] = parts_sum.get(key, 0.0) + value / accumulation
+                global_step += 1
+                progress.update(1)
+                logs = {**parts_sum, "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(loss=f"{parts_sum['loss']:.4f}")
+                accelerator.log(logs, step=global_step)
+                history.append(logs)
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    checkpoint_now(global_step)
+                if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                    if accelerator.is_main_process:
+                        run_validation(args, accelerator, models, frozen, global_step)
+    except KeyboardInterrupt as error:
+        progress.close()  # ends the bar's line, so what follows is not printed onto it
+        saved = None
+        if not isinstance(error, _StopNow):  # else a second Ctrl-C cut a step short: nothing consistent to save
+            accelerator.print(f"Interrupted: saving a checkpoint at step {global_step} before exiting.")
+            if accelerator.is_main_process:
+                saved = save_checkpoint(args.output_dir, global_step, models, name, optimizer, lr_scheduler,
+                                        extra={"seed": args.seed, "interrupted": True},
+                                        total_limit=args.checkpoints_total_limit)
         accelerator.end_training()
-        raise
+        raise TrainingInterrupted(saved, global_step) from error
     progress.close()
 
     accelerator.wait_for_everyone()

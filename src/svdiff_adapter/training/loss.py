@@ -1,4 +1,4 @@
-"""The SVDiff training loss (docs/method.md §2, §4): the diffusion loss on instance samples, λ · the same loss on
+"""The SVDiff training loss (as in the SVDiff paper): the diffusion loss on instance samples, λ · the same loss on
 prior-preservation samples, and the unmix regularisation on Cut-Mix samples."""
 
 from __future__ import annotations

@@ -73,10 +73,31 @@ def check_base_model(path: str) -> bool:
     return sdxl
 
 
+def load_model_index(path: str, revision: Optional[str] = None) -> dict:
+    """The `model_index.json` of a local pipeline folder or a Hub id (through the Hub cache).
+
+    When the Hub is offline (``HF_HUB_OFFLINE=1``) and the id is not in the local cache, the error says so, instead
+    of diffusers' "does not appear to have a file named model_index.json".
+    """
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    if not Path(path).is_dir() and path.startswith((".", "/")):  # a path, not a Hub id
+        raise FileNotFoundError(f"The base model folder {path!r} does not exist.")
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision)
+    except OSError as error:
+        if Path(path).is_dir() or not constants.HF_HUB_OFFLINE:
+            raise
+        raise OSError(f"{path!r} is not a local folder and is not in the local Hub cache ({constants.HF_HUB_CACHE}), "
+                      "and the Hub is offline (HF_HUB_OFFLINE=1), so it cannot be downloaded. Download it once "
+                      f"while online (`hf download {path}`), or give a local pipeline folder.") from error
+
+
 def load_components(args: argparse.Namespace):
     """(unet, frozen): the UNet and the parts that feed it (`Frozen`; SDXL's second tokenizer and text encoder
     when the pipeline has them), all with gradients off."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from .loss import Frozen
@@ -85,7 +106,7 @@ def load_components(args: argparse.Namespace):
     if Path(path).is_dir():
         sdxl = check_base_model(path)
     else:  # a Hub id: its model_index.json, through the Hub cache
-        sdxl = "text_encoder_2" in DiffusionPipeline.load_config(path, revision=args.revision)
+        sdxl = "text_encoder_2" in load_model_index(path, args.revision)
     common = {"revision": args.revision}
     weights = {"variant": args.variant, **common}
     frozen = Frozen(
@@ -110,7 +131,7 @@ def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype = torch.floa
     from diffusers import DiffusionPipeline
 
     extra = {"safety_checker": None, "requires_safety_checker": False}
-    config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    config = load_model_index(args.pretrained_model_name_or_path, args.revision)
     if "safety_checker" not in config:
         extra = {}
     return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, revision=args.revision,

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
 
@@ -22,6 +23,7 @@ class SpectralShiftPeftType(str, enum.Enum):
 
 MODULE_KINDS = ("linear", "conv2d", "embedding", "norm")
 NORM_MODES = ("elementwise", "scalar")
+FACTOR_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -46,6 +48,23 @@ class SpectralShiftConfig(PeftConfig):
             (svdiff-pytorch's files).
         init_scale (`float`, *optional*, defaults to `0.0`):
             Standard deviation of the random initial δ. `0.0` (the default) starts exactly at the base model.
+        factor_dtype (`str`, *optional*, defaults to `"float16"`):
+            Storage dtype of the SVD factors U and Vᵀ: `"float16"` (half the memory; ΔW exact to ~2⁻¹¹ of each
+            value's change, W itself exact) or `"float32"` (twice the memory, the paper's formula to float32
+            round-off). The factors belong to the module: every adapter of one module uses the first adapter's.
+        layers_to_transform (`int` or `list[int]`, *optional*, defaults to `None`):
+            Only shift modules of these layer indices, matched as PEFT's LoRA matches them (the first number in the
+            module path, after `layers_pattern` when given). Works with `target_modules=None` and with a list; a
+            regex `target_modules` cannot be combined with it.
+        layers_pattern (`str` or `list[str]`, *optional*, defaults to `None`):
+            The name of the module list holding the layers (e.g. `"layers"`, `"h"`); needs `layers_to_transform`.
+        modules_to_save (`list[str]`, *optional*, defaults to `None`):
+            Modules trained and saved whole beside the shifts (e.g. a classifier head), as in PEFT's other tuners.
+            `get_peft_model` with `task_type="SEQ_CLS"` adds the classifier itself. They are never shifted.
+
+    The shifts δ are float32 parameters whatever the model's dtype (PEFT's `autocast_adapter_dtype=True`, the
+    default); `autocast_adapter_dtype=False` in `get_peft_model` / `PeftModel.from_pretrained` keeps them in the
+    dtype of a float16 / bfloat16 base weight instead.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -66,11 +85,18 @@ class SpectralShiftConfig(PeftConfig):
     init_scale: float = field(
         default=0.0, metadata={"help": "Std of the random initial shift; 0 starts at the base model exactly."}
     )
+    factor_dtype: str = field(
+        default="float16",
+        metadata={"help": f"Storage dtype of the SVD factors U, Vᵀ, one of {FACTOR_DTYPES} (float32: 2× memory)."},
+    )
     layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Unused; present because PEFT's target matching reads it."}
+        default=None, metadata={"help": "Only shift modules of these layer indices (as PEFT's LoRA matches them)."}
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Unused; present because PEFT's target matching reads it."}
+        default=None, metadata={"help": "Name of the module list holding the layers; needs layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained and saved whole beside the shifts (e.g. a classifier)."}
     )
 
     def __post_init__(self):
@@ -95,3 +121,13 @@ class SpectralShiftConfig(PeftConfig):
             )
         if self.init_scale < 0:
             raise ValueError(f"`init_scale` should be >= 0 but the value passed is {self.init_scale}.")
+        if isinstance(self.factor_dtype, torch.dtype):
+            self.factor_dtype = str(self.factor_dtype).removeprefix("torch.")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(
+                f"`factor_dtype` should be one of {list(FACTOR_DTYPES)} but the value passed is {self.factor_dtype!r}."
+            )
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError("`layers_to_transform` and `layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")

@@ -1,15 +1,14 @@
-"""Spectral-shift layers: the math of SVDiff in one place.
+"""Spectral-shift layers: one base class that applies the math of `svdiff_adapter.spectral` to a wrapped module, and
+thin subclasses that say how to run each module type with another weight.
 
-For a weight W = U diag(σ) Vᵀ and active adapters i with shifts δᵢ and scales wᵢ, the layer applies
+For a weight W = U diag(σ) Vᵀ and active adapters i with shifts δᵢ and weights wᵢ, the layer applies
 
-    W_δ = W + U · diag(ReLU(σ + Σᵢ wᵢ δᵢ) − σ) · Vᵀ            (delta form)
+    W_δ = W + U · diag(ReLU(σ + Σᵢ wᵢ δᵢ) − σ) · Vᵀ            (delta form; δ = 0 gives W bit for bit)
 
-The combination happens inside the ReLU, as in the paper. δ = 0 gives ΔW = 0 exactly, so W_δ = W bit for bit.
-1-D norm weights in "elementwise" mode use γ + Σᵢ wᵢ δᵢ instead.
-
-Inference reuses the effective weight until δ, the scales, the active set, the base weight or its device/dtype
-change; the forward pass then costs exactly one call of the base operation. Training recomposes it each step with a
-custom autograd function whose backward is dL/dΔσⱼ = uⱼᵀ G vⱼ.
+Inference reuses W_δ (`SpectralWeightCache`) until δ, the weights, the active set, the base weight or its
+device/dtype change; the forward pass then costs exactly one call of the base operation. Training recomposes W_δ
+each step through `spectral.SpectralDeltaWeight`, or — where it is cheaper (few rows) — adds the factored term
+op(op(x, Vᵀ)·c, U) to the base output.
 
 With the switch cache on, each adapter's Dᵢ = U·diag(δᵢ)·Vᵀ is kept, and a change of weights or active set rebuilds
 the weight linearly, because ReLU(σ + s) − σ = s + ReLU(−(σ + s)):
@@ -22,6 +21,8 @@ adapter.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -29,56 +30,13 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .. import spectral
 from ..svd import SpectralFactors, tensor_digest
+from .cache import SpectralWeightCache
 
 
 FACTOR_BUFFERS = ("spectral_U", "spectral_S", "spectral_Vh")
-
-
-class _SpectralDeltaWeight(torch.autograd.Function):
-    """ΔW = U · diag(change) · Vh with a backward that never forms a k × k or extra m × n tensor."""
-
-    @staticmethod
-    def forward(ctx, U: torch.Tensor, Vh: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(U, Vh)
-        return (U.to(change.dtype) * change) @ Vh.to(change.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_delta: torch.Tensor):
-        U, Vh = ctx.saved_tensors
-        grad_delta = grad_delta.to(torch.float32)
-        U, Vh = U.to(grad_delta.dtype), Vh.to(grad_delta.dtype)
-        # diag(Uᵀ G V), through whichever intermediate (k × n or m × k) is smaller.
-        if U.shape[0] >= Vh.shape[1]:
-            grad_change = ((U.T @ grad_delta) * Vh).sum(dim=1)
-        else:
-            grad_change = ((grad_delta @ Vh.T) * U).sum(dim=0)
-        return None, None, grad_change
-
-
-def module_kind(module: nn.Module) -> Optional[str]:
-    """The kind of a raw torch module as named in `SpectralShiftConfig.target_kinds`, or None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and getattr(module, "weight", None) is not None:
-        return "norm"
-    return None
-
-
-def unsupported_reason(module: nn.Module) -> Optional[str]:
-    """Why a module of a supported kind cannot be shifted, or None."""
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return f"Conv2d with groups={module.groups} (only groups=1 kernels have one matrix to decompose)"
-    return None
-
-
-def uses_factors(kind: str, norm_mode: str) -> bool:
-    """Elementwise norm shifts need no SVD; every other shift does."""
-    return not (kind == "norm" and norm_mode == "elementwise")
+BUILD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SpectralShiftLayer(nn.Module, BaseTunerLayer):
@@ -98,6 +56,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         for attribute in self.mirrored_attributes:
             setattr(self, attribute, getattr(base_layer, attribute))
+        self.in_features, self.out_features = self.features(base_layer)
         self.spectral_delta = nn.ParameterDict()
         self.spectral_scaling: dict[str, float] = {}
         self._spectral_unscaled: Optional[dict[str, float]] = None
@@ -108,24 +67,22 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self._spectral_merge: Optional[tuple[torch.Tensor, torch.Tensor, str]] = None
         for name in FACTOR_BUFFERS:
             self.register_buffer(name, None, persistent=False)
-        # The effective weight for inference, refreshed in place (stable for torch.compile), and what it was built from.
-        self.register_buffer("spectral_weight", None, persistent=False)
-        self._spectral_weight_key: Any = None
-        self._spectral_built_for: Optional[tuple] = None
+        self.spectral_cache = SpectralWeightCache()
         self._spectral_storage_dtype: Optional[torch.dtype] = None  # set while the factors are upcast for training
         # Precision of the U·diag(c)·Vᵀ products that build inference weights (W itself is never rounded).
         self.spectral_build_dtype = torch.float32
-        # Switch cache: adapter name -> (what it was built from, U·diag(δ)·Vᵀ as a matrix in the weight's dtype).
-        self.spectral_switch_cache = False
-        self._spectral_adapter_deltas: dict[str, tuple[Any, torch.Tensor]] = {}
         # Set under sequential CPU offload (`offload_spectral_layers`): the layer's tensors stay where they are and
         # each call sends the weight in use and the bias to this device.
         self.spectral_execution_device: Optional[torch.device] = None
         if factors is not None:
-            weight = base_layer.weight
-            self.spectral_U = factors.U.to(weight.device)
-            self.spectral_S = factors.S.to(weight.device)
-            self.spectral_Vh = factors.Vh.to(weight.device)
+            device = base_layer.weight.device
+            self.spectral_U, self.spectral_S, self.spectral_Vh = (t.to(device) for t in (factors.U, factors.S,
+                                                                                          factors.Vh))
+
+    @staticmethod
+    def features(base_layer: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features) as PEFT's layers report them (subclasses)."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- adapters
     @property
@@ -133,44 +90,63 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return self.spectral_S is not None
 
     @property
+    def factor_dtype(self) -> Optional[torch.dtype]:
+        """Storage dtype of U and Vᵀ (None for elementwise norm shifts, which have no factors)."""
+        return (self._spectral_storage_dtype or self.spectral_U.dtype) if self.uses_factors else None
+
+    @property
     def shift_size(self) -> int:
         """Number of shift values: k = min(m, n) singular values, or C elements of a norm weight."""
-        if self.uses_factors:
-            return self.spectral_S.numel()
-        return self.base_layer.weight.numel()
+        return spectral.shift_length(self.base_layer.weight.shape, self.uses_factors)
+
+    @property
+    def spectral_weight(self) -> Optional[torch.Tensor]:
+        """The cached inference weight W_δ, if any."""
+        return self.spectral_cache.weight
 
     def update_layer(self, adapter_name: str, init_scale: float = 0.0, **kwargs) -> None:
         if adapter_name in self.spectral_delta:
             raise ValueError(f"Adapter name {adapter_name!r} is already in use on this layer.")
-        weight = self.base_layer.weight
-        delta = torch.zeros(self.shift_size, dtype=torch.float32, device=weight.device)
+        delta = torch.zeros(self.shift_size, dtype=torch.float32, device=self.base_layer.weight.device)
         if init_scale > 0:
             delta.normal_(0.0, init_scale)
         self.spectral_delta[adapter_name] = nn.Parameter(delta)
         self.spectral_scaling[adapter_name] = 1.0
-        self.reset_spectral_cache()
+        self.spectral_cache.clear()
         self.set_adapter(self.active_adapters)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         if not self._spectral_active():
-            self.reset_spectral_cache()  # free the effective weight while no shift applies
+            self.spectral_cache.clear()  # free the effective weight while no shift applies
 
     def enable_adapters(self, enabled: bool) -> None:
         super().enable_adapters(enabled)
         if not enabled:
-            self.reset_spectral_cache()
+            self.spectral_cache.clear()
 
     def _spectral_active(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.spectral_delta]
 
+    def _applied_adapters(self) -> list[str]:
+        """The adapters whose shifts the forward applies, inside one ReLU: the merged ones (in the weight already,
+        active or not) followed by the active ones not merged."""
+        active = self._spectral_active()
+        return self.merged_adapters + [n for n in active if n not in self.merged_adapters]
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight without any merged shift (the weight itself while nothing is merged)."""
+        return self._spectral_merge[0] if self._spectral_merge is not None else self.base_layer.weight
+
     def set_scale(self, adapter: str, scale: float) -> None:
         """Set the weight wᵢ of one adapter (diffusers' `set_adapters` calls this on every layer)."""
+        _check_finite_scale(scale, f"adapter {adapter!r}")
         if adapter in self.spectral_scaling:
             self.spectral_scaling[adapter] = float(scale)
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the weights of the active adapters (diffusers' `cross_attention_kwargs={"scale": s}`)."""
+        _check_finite_scale(scale, "the adapters (cross_attention_kwargs scale)")
         if scale == 1:
             return
         if self._spectral_unscaled is None:
@@ -195,123 +171,80 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge it first.")
         super().delete_adapter(adapter_name)
-        self._spectral_adapter_deltas.pop(adapter_name, None)
-        self.reset_spectral_cache()
+        self.spectral_cache.adapter_matrices.pop(adapter_name, None)
+        self.spectral_cache.clear()
+
+    def move_factors(self, device: torch.device) -> None:
+        """Move U, σ and Vᵀ (e.g. off the accelerator while none of the layer's adapters is used there)."""
+        if self.uses_factors and self.spectral_S.device != torch.device(device):
+            self.spectral_U, self.spectral_S, self.spectral_Vh = (
+                getattr(self, name).to(device) for name in FACTOR_BUFFERS
+            )
+        self.spectral_cache.clear(adapter_matrices=True)  # rebuilt where the factors are, when used
 
     # ------------------------------------------------------------------------------------------------- math
     def combined_shift(self, adapter_names: list[str]) -> torch.Tensor:
         """Σᵢ wᵢ δᵢ over the given adapters (float32), the quantity that enters the ReLU."""
-        shift = None
-        for name in adapter_names:
-            term = self.spectral_delta[name].to(torch.float32) * self.spectral_scaling[name]
-            shift = term if shift is None else shift + term
-        if shift is None:
-            return torch.zeros(self.shift_size, dtype=torch.float32, device=self.base_layer.weight.device)
-        return shift
+        return spectral.combine_shifts(
+            ((self.spectral_delta[name], self.spectral_scaling[name]) for name in adapter_names),
+            self.shift_size, self.base_layer.weight.device)
 
     def delta_from_shift(self, shift: torch.Tensor) -> torch.Tensor:
         """ΔW (float32, the weight's shape) for a combined shift; differentiable w.r.t. the shift."""
-        weight_shape = self.base_layer.weight.shape
-        if not self.uses_factors:
-            return shift.reshape(weight_shape)
-        change = torch.relu(self.spectral_S + shift) - self.spectral_S
-        return _SpectralDeltaWeight.apply(self.spectral_U, self.spectral_Vh, change).reshape(weight_shape)
-
-    def set_build_dtype(self, dtype: torch.dtype) -> None:
-        """Precision of the products that build inference weights: float32 (default) or bfloat16/float16, which
-        round only ΔW (relative error ~2⁻⁸ of ΔW for bfloat16), never W, and run ~2× faster where the CPU has
-        bfloat16 instructions. Training (gradients) always uses float32."""
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"build dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}.")
-        if dtype != self.spectral_build_dtype:
-            self.spectral_build_dtype = dtype
-            self.reset_spectral_cache()
-            self._spectral_adapter_deltas.clear()
-
-    def _factor_product(self, scale: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """U·diag(scale)·Vᵀ (restricted to singular-value `columns`) in the build dtype, as an m × n matrix."""
-        U, Vh = self.spectral_U, self.spectral_Vh
-        if columns is not None:
-            U, Vh = U[:, columns], Vh[columns]
-        dtype = self.spectral_build_dtype
-        return (U.to(dtype) * scale.to(dtype)) @ Vh.to(dtype)
-
-    def _plus_factor_product(self, matrix: torch.Tensor, scale: torch.Tensor,
-                             columns: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """matrix (float32, m × n) + U·diag(scale)·Vᵀ; float32 builds take one BLAS call (addmm) and never form a
-        separate m × n product."""
-        if self.spectral_build_dtype != torch.float32:
-            return matrix + self._factor_product(scale, columns)
-        U, Vh = self.spectral_U, self.spectral_Vh
-        if columns is not None:
-            U, Vh = U[:, columns], Vh[columns]
-        return torch.addmm(matrix, U.to(torch.float32) * scale, Vh.to(torch.float32))
+        return spectral.delta_weight(self.spectral_U, self.spectral_S, self.spectral_Vh, shift,
+                                     self.base_layer.weight.shape)
 
     def weight_with_shift(self, base_weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """W + ΔW in the base weight's dtype."""
-        if self.uses_factors and not (torch.is_grad_enabled() and shift.requires_grad):
-            change = torch.relu(self.spectral_S + shift) - self.spectral_S
-            matrix = base_weight.reshape(1, -1) if base_weight.ndim == 1 else base_weight.reshape(base_weight.shape[0], -1)
-            fused = self._plus_factor_product(matrix.to(torch.float32), change)
-            return fused.reshape(base_weight.shape).to(base_weight.dtype)
-        delta = self.delta_from_shift(shift)
-        if base_weight.dtype == torch.float32:
-            return base_weight + delta
-        return (base_weight.to(torch.float32) + delta).to(base_weight.dtype)
-
-    def enable_switch_cache(self, enabled: bool = True) -> None:
-        """Keep U·diag(δᵢ)·Vᵀ per adapter so that `set_adapters` / `set_scale` rebuild the weight linearly."""
-        self.spectral_switch_cache = bool(enabled) and self.uses_factors
-        if not self.spectral_switch_cache:
-            self._spectral_adapter_deltas.clear()
-
-    def _adapter_delta_matrix(self, adapter: str) -> torch.Tensor:
-        """Dᵢ = U·diag(δᵢ)·Vᵀ of one adapter (unscaled, unclipped) as an m × n matrix, built once per δ."""
-        weight = self.base_layer.weight
-        delta = self.spectral_delta[adapter]
-        key = (delta._version, delta.data_ptr(), weight.device, weight.dtype)
-        cached = self._spectral_adapter_deltas.get(adapter)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            matrix = self._factor_product(delta.detach().to(torch.float32)).to(weight.dtype)
-        self._spectral_adapter_deltas[adapter] = (key, matrix)
-        return matrix
-
-    def _switch_cached_weight(self, base_weight: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """W_δ from the per-adapter matrices plus a correction for the clipped singular values (module docstring)."""
-        shift = self.combined_shift(names)
-        fused = base_weight.reshape(base_weight.shape[0], -1).to(torch.float32, copy=True)
-        for name in names:
-            fused.add_(self._adapter_delta_matrix(name), alpha=self.spectral_scaling[name])
-        clipped_amount = torch.relu(-(self.spectral_S + shift))
-        clipped = clipped_amount.nonzero().flatten()
-        if clipped.numel():
-            fused = self._plus_factor_product(fused, clipped_amount[clipped], clipped)
-        return fused.reshape(base_weight.shape).to(base_weight.dtype)
+        return spectral.shifted_weight(base_weight, self.spectral_U, self.spectral_S, self.spectral_Vh, shift,
+                                       self.spectral_build_dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW of one adapter alone at its current scale (float32, the weight's shape)."""
         with torch.no_grad():
             return self.delta_from_shift(self.combined_shift([adapter]))
 
-    def effective_weight(self) -> torch.Tensor:
-        """W_δ for the active adapters: cached for inference, recomposed when gradients are needed."""
-        weight = self.base_layer.weight
-        names = self._spectral_active()
-        if self._needs_grad(names):
-            return self.weight_with_shift(weight, self.combined_shift(names))
-        if torch.compiler.is_compiling():
-            # A compiled graph reads the buffer as an input; eager code (`refresh_spectral_weight`, e.g. after a
-            # hotswap) updates it in place, so swapping shifts does not recompile. Dynamo guards on the adapters and
-            # weights compared here, so `set_adapters` on a compiled model recompiles instead of using a stale buffer.
-            if self.spectral_weight is not None and self._spectral_built_for == self._scale_state(names):
-                return self.spectral_weight
-            return self.weight_with_shift(weight, self.combined_shift(names))
-        if self._weight_key(names) != self._spectral_weight_key:
-            self.refresh_spectral_weight()
-        return self.spectral_weight
+    def set_build_dtype(self, dtype: torch.dtype) -> None:
+        """Precision of the products that build inference weights: float32 (default) or bfloat16/float16, which
+        round only ΔW (relative error ~2⁻⁸ of ΔW for bfloat16), never W (speed: docs/performance.md). Training
+        (gradients) always uses float32."""
+        if dtype not in BUILD_DTYPES:
+            raise ValueError(f"build dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}.")
+        self.spectral_build_dtype = dtype
 
+    def enable_switch_cache(self, enabled: bool = True) -> None:
+        """Keep U·diag(δᵢ)·Vᵀ per adapter so that `set_adapters` / `set_scale` rebuild the weight linearly."""
+        self.spectral_cache.switch_enabled = bool(enabled) and self.uses_factors
+        if not self.spectral_cache.switch_enabled:
+            self.spectral_cache.adapter_matrices.clear()
+
+    def _adapter_matrix(self, adapter: str) -> torch.Tensor:
+        """Dᵢ = U·diag(δᵢ)·Vᵀ of one adapter (unscaled, unclipped) as an m × n matrix in the weight's dtype."""
+        weight, delta = self.base_layer.weight, self.spectral_delta[adapter]
+        key = (delta._version, delta.data_ptr(), weight.device, weight.dtype, self.spectral_build_dtype,
+               self.spectral_U.device)
+
+        def build() -> torch.Tensor:
+            with torch.no_grad():
+                return spectral.factor_product(self.spectral_U, self.spectral_Vh, delta.detach().to(torch.float32),
+                                               self.spectral_build_dtype).to(weight.dtype)
+
+        return self.spectral_cache.adapter_matrix(adapter, key, build)
+
+    def _switch_cached_weight(self, base_weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """W_δ from the per-adapter matrices plus a correction for the clipped singular values (module docstring)."""
+        shift = self.combined_shift(names)
+        fused = spectral.weight_matrix(base_weight).to(torch.float32, copy=True)
+        for name in names:
+            fused.add_(self._adapter_matrix(name), alpha=self.spectral_scaling[name])
+        clipped_amount = spectral.clipped_amount(self.spectral_S, shift)
+        clipped = clipped_amount.nonzero().flatten()
+        if clipped.numel():
+            fused = spectral.add_factor_product(fused, self.spectral_U, self.spectral_Vh, clipped_amount[clipped],
+                                                self.spectral_build_dtype, clipped)
+        return fused.reshape(base_weight.shape).to(base_weight.dtype)
+
+    # ------------------------------------------------------------------------------------ inference weights
     def _needs_grad(self, names: list[str]) -> bool:
         return torch.is_grad_enabled() and (
             self.base_layer.weight.requires_grad or any(self.spectral_delta[n].requires_grad for n in names)
@@ -321,62 +254,84 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return tuple((n, self.spectral_scaling[n]) for n in names)
 
     def _weight_key(self, names: list[str]):
-        weight = self.base_layer.weight
+        weight = self._unmerged_weight()
         shifts = tuple(
             (n, self.spectral_scaling[n], self.spectral_delta[n]._version, self.spectral_delta[n].data_ptr())
             for n in names
         )
-        return shifts, weight.data_ptr(), weight._version, weight.device, weight.dtype
+        return shifts, weight.data_ptr(), weight._version, weight.device, weight.dtype, self.spectral_build_dtype
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_δ for the applied adapters: cached for inference, recomposed when gradients are needed."""
+        weight = self._unmerged_weight()
+        names = self._applied_adapters()
+        if self._needs_grad(names):
+            return self.weight_with_shift(weight, self.combined_shift(names))
+        cache = self.spectral_cache
+        if torch.compiler.is_compiling():
+            # A compiled graph reads the cached tensor as an input; eager code (`refresh_spectral_weight`, e.g. after
+            # a hotswap) updates it in place, so swapping shifts does not recompile. Dynamo guards on the adapters and
+            # weights compared here, so `set_adapters` on a compiled model recompiles instead of using a stale one.
+            if cache.weight is not None and cache.scales == self._scale_state(names):
+                return cache.weight
+            return self.weight_with_shift(weight, self.combined_shift(names))
+        if cache.weight is None or cache.key != self._weight_key(names):
+            self.refresh_spectral_weight()
+        return cache.weight
 
     def refresh_spectral_weight(self) -> None:
         """Rebuild the inference weight now, in place when its shape/dtype/device allow."""
-        names = self._spectral_active()
+        names = self._applied_adapters()
         if not names:
-            self.reset_spectral_cache()
+            self.spectral_cache.clear()
             return
         self._float32_factors(False)  # inference after training: back to the storage dtype
+        weight = self._unmerged_weight()
         with torch.no_grad():
-            if self.spectral_switch_cache:
-                fresh = self._switch_cached_weight(self.base_layer.weight, names)
+            if self.spectral_cache.switch_enabled:
+                fresh = self._switch_cached_weight(weight, names)
             else:
-                fresh = self.weight_with_shift(self.base_layer.weight, self.combined_shift(names))
-            current = self.spectral_weight
-            if current is not None and (current.shape, current.dtype, current.device) == (
-                fresh.shape, fresh.dtype, fresh.device
-            ):
-                current.copy_(fresh)
-            else:
-                self.spectral_weight = fresh
-        self._spectral_weight_key = self._weight_key(names)
-        self._spectral_built_for = self._scale_state(names)
+                fresh = self.weight_with_shift(weight, self.combined_shift(names))
+        self.spectral_cache.store(fresh, self._weight_key(names), self._scale_state(names))
 
     def reset_spectral_cache(self) -> None:
-        """Drop the inference weight (needed only after editing δ or the base weight's `.data` in place)."""
-        self.spectral_weight = None
-        self._spectral_weight_key = None
-        self._spectral_built_for = None
+        """Drop the inference weight (needed only after editing the base weight's `.data` in place)."""
+        self.spectral_cache.clear()
 
     # ---------------------------------------------------------------------------------------- merge / unmerge
+    def _merge_plan(self, adapter_names: Optional[list[str]]):
+        """(names to merge now, the weight before any merge, the combined shift of all merged names, W_δ)."""
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.spectral_delta]
+        if not names:
+            return None
+        original = self._spectral_merge[0] if self._spectral_merge else self.base_layer.weight.data
+        with torch.no_grad():
+            shift = self.combined_shift(self.merged_adapters + names).detach().clone()
+            merged = self.weight_with_shift(original, shift)
+        return names, original, shift, merged
+
+    def merge_is_finite(self, adapter_names: Optional[list[str]] = None) -> bool:
+        """Whether merging these adapters would give a finite weight (nothing is changed)."""
+        plan = self._merge_plan(adapter_names)
+        return plan is None or bool(torch.isfinite(plan[3]).all())
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write W_δ of the given (default: active) adapters into the base weight; `unmerge` restores it exactly.
 
-        Adapters merged later join the ones already merged inside the same ReLU.
+        Adapters merged later join the ones already merged inside the same ReLU. With `safe_merge`, a result with
+        NaN or inf raises and the weight stays as it was.
         """
         # Any tuner's merge may have changed the shared base weight: drop our cached effective weight.
-        self.reset_spectral_cache()
-        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.spectral_delta]
-        if not names:
+        self.spectral_cache.clear()
+        plan = self._merge_plan(adapter_names)
+        if plan is None:
             return
-        all_names = self.merged_adapters + names
-        original = self._spectral_merge[0] if self._spectral_merge else self.base_layer.weight.data
-        with torch.no_grad():
-            shift = self.combined_shift(all_names).detach().clone()
-            merged = self.weight_with_shift(original, shift)
+        names, original, shift, merged = plan
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs detected in the merged weights; adapters {names} were not merged.")
         self.base_layer.weight.data = merged
         self._spectral_merge = (original, shift, tensor_digest(merged))
-        self.merged_adapters = all_names
+        self.merged_adapters = self.merged_adapters + names
 
     def unmerge(self) -> None:
         """Restore the weight from before the first merge, bit for bit.
@@ -384,7 +339,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         If another tuner (e.g. a fused LoRA) changed the weight while ours was merged (detected by a digest of the
         merged weight's bytes), its change is carried over.
         """
-        self.reset_spectral_cache()
+        self.spectral_cache.clear()
         if self._spectral_merge is None:
             return
         original, shift, digest = self._spectral_merge
@@ -432,13 +387,13 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        names = self._spectral_active()
-        if self.merged or not names:
-            return self.base_layer(x, *args, **kwargs)
+        if not [n for n in self._spectral_active() if n not in self.merged_adapters]:
+            return self.base_layer(x, *args, **kwargs)  # nothing beyond what is merged into the weight
+        names = self._applied_adapters()
         if self._needs_grad(names):
             self._float32_factors(True)
-            if self._factored_is_cheaper(x):
-                change = torch.relu(self.spectral_S + self.combined_shift(names)) - self.spectral_S
+            if not self.merged and self._factored_is_cheaper(x):
+                change = spectral.spectral_change(self.spectral_S, self.combined_shift(names))
                 return self.base_layer(x, *args, **kwargs) + self.factored_delta(x, change)
         return self.run_base(x, self.effective_weight(), getattr(self.base_layer, "bias", None))
 
@@ -448,7 +403,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         layer under accelerate's own hooks."""
         if self.disable_adapters and self.merged:
             self.unmerge()
-        shifted = not (self.disable_adapters or self.merged) and self._spectral_active()
+        shifted = not self.disable_adapters and [n for n in self._spectral_active() if n not in self.merged_adapters]
         weight = self.effective_weight() if shifted else self.base_layer.weight
         bias = getattr(self.base_layer, "bias", None)
         device = self.spectral_execution_device
@@ -473,8 +428,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
     def _apply(self, fn, recurse=True):
         # Factors follow device moves but keep their storage dtype: `.half()`/`.to(bf16)` would throw away precision
         # and `.float()` would double their memory. Probe the target device with an empty tensor.
-        self.reset_spectral_cache()  # rebuilt on the new device/dtype at the next forward
-        self._spectral_adapter_deltas.clear()
+        self.spectral_cache.clear(adapter_matrices=True)  # rebuilt on the new device/dtype at the next forward
         factors = {name: self._buffers[name] for name in FACTOR_BUFFERS if self._buffers.get(name) is not None}
         for name in factors:
             self._buffers[name] = None
@@ -485,13 +439,23 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return result
 
 
+def _check_finite_scale(scale, what: str) -> None:
+    number = isinstance(scale, numbers.Real) and not isinstance(scale, bool) or (
+        isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point())
+    finite = number and math.isfinite(float(scale))
+    if not finite:
+        raise ValueError(f"The weight of {what} should be a finite number, got {scale!r}.")
+
+
 def _factors_as(layer: SpectralShiftLayer, x: torch.Tensor, change: torch.Tensor):
     dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
     return layer.spectral_U.to(dtype), layer.spectral_Vh.to(dtype), change.to(dtype)
 
 
 class Linear(SpectralShiftLayer):
-    mirrored_attributes = ("in_features", "out_features")
+    @staticmethod
+    def features(base_layer):
+        return base_layer.in_features, base_layer.out_features
 
     def run_base(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -506,6 +470,10 @@ class Linear(SpectralShiftLayer):
 
 class Conv2d(SpectralShiftLayer):
     mirrored_attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+
+    @staticmethod
+    def features(base_layer):
+        return base_layer.in_channels, base_layer.out_channels
 
     def run_base(self, x, weight, bias):
         return self.base_layer._conv_forward(x, weight, bias)
@@ -525,6 +493,10 @@ class Conv2d(SpectralShiftLayer):
 class Embedding(SpectralShiftLayer):
     mirrored_attributes = ("num_embeddings", "embedding_dim", "padding_idx")
 
+    @staticmethod
+    def features(base_layer):
+        return base_layer.num_embeddings, base_layer.embedding_dim
+
     def run_base(self, x, weight, bias):
         base = self.base_layer  # embeddings have no bias
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
@@ -538,7 +510,14 @@ class Embedding(SpectralShiftLayer):
         return ((F.embedding(x, U) * change) @ Vh).to(self.base_layer.weight.dtype)
 
 
-class LayerNorm(SpectralShiftLayer):
+class _Norm(SpectralShiftLayer):
+    @staticmethod
+    def features(base_layer):
+        channels = base_layer.weight.shape[0]  # a norm maps C features to C features
+        return channels, channels
+
+
+class LayerNorm(_Norm):
     mirrored_attributes = ("normalized_shape", "eps")
 
     def run_base(self, x, weight, bias):
@@ -546,7 +525,7 @@ class LayerNorm(SpectralShiftLayer):
         return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
 
 
-class GroupNorm(SpectralShiftLayer):
+class GroupNorm(_Norm):
     mirrored_attributes = ("num_groups", "num_channels", "eps")
 
     def run_base(self, x, weight, bias):
@@ -577,4 +556,3 @@ def find_spectral_layer(module: nn.Module) -> Optional[SpectralShiftLayer]:
             return module
         module = getattr(module, "base_layer", None)
     return None
-

@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import re
 from typing import Iterator, Mapping, Optional, Union
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+import torch
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
 from torch import nn
 
-from ..svd import SpectralFactors, SVDCache, compute_factors, weight_matrix
+from ..spectral import weight_matrix
+from ..svd import SpectralFactors, SVDCache, compute_factors, factor_dtype_of
 from .config import SpectralShiftConfig
-from .layer import SpectralShiftLayer, find_spectral_layer, layer_class_for, module_kind, unsupported_reason, uses_factors
+from .layer import SpectralShiftLayer, find_spectral_layer, layer_class_for
+from .targets import is_excluded, module_kind, raw_module, resolve_targets, uses_factors
 
 
 _SVD_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("svdiff_svd_options", default={})
@@ -24,6 +27,7 @@ def svd_options(
     cache: Union[bool, str, os.PathLike, SVDCache, None] = None,
     progress: Optional[bool] = None,
     factors: Optional[Mapping[str, SpectralFactors]] = None,
+    targets: Optional[Mapping[str, nn.Module]] = None,
 ) -> Iterator[None]:
     """Options for the SVDs that adapter injection computes (PEFT's functions take no such arguments).
 
@@ -31,68 +35,19 @@ def svd_options(
         cache: `None`/`True` the default on-disk cache (off with `SVDIFF_SVD_CACHE=0`), `False` none, or a folder.
         progress: show a progress bar (default: only for large models).
         factors: factors already computed, by module name (e.g. by a loader that checked fingerprints).
+        targets: module name → raw module, already checked by a loader (`targets.fit_shifts`); injection from a
+            state dict then shifts exactly these modules without matching them again.
     """
-    token = _SVD_OPTIONS.set({"cache": cache, "progress": progress, "factors": dict(factors or {})})
+    token = _SVD_OPTIONS.set({"cache": cache, "progress": progress, "factors": dict(factors or {}),
+                              "targets": None if targets is None else dict(targets)})
     try:
         yield
     finally:
         _SVD_OPTIONS.reset(token)
 
 
-def _raw_module(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def resolve_targets(
-    model: nn.Module, config: SpectralShiftConfig, module_names: Optional[set[str]] = None
-) -> dict[str, nn.Module]:
-    """Module names → raw modules that an adapter with this config (or these explicit names) shifts.
-
-    A module is shifted when it matches `target_modules` (None: all), is not excluded, and its kind is in
-    `target_kinds`. Explicitly named modules that cannot be shifted raise; a catch-all never targets them.
-    """
-    targets: dict[str, nn.Module] = {}
-    tuner_prefixes: list[str] = []
-    explicit = module_names is not None or config.target_modules is not None
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in tuner_prefixes):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            tuner_prefixes.append(name + ".")
-        if module_names is not None:
-            if name not in module_names:
-                continue
-        elif _is_excluded(config, name) or (
-            config.target_modules is not None and not check_target_module_exists(config, name)
-        ):
-            continue
-        raw = _raw_module(module)
-        kind = module_kind(raw)
-        if kind is None or (module_names is None and kind not in config.target_kinds):
-            continue
-        reason = unsupported_reason(raw)
-        if reason is not None:
-            if explicit:
-                raise ValueError(f"Module {name!r} cannot take a spectral shift: {reason}.")
-            continue
-        targets[name] = raw
-    if module_names is not None:
-        missing = sorted(set(module_names) - set(targets))
-        if missing:
-            raise ValueError(
-                f"{len(missing)} module(s) named by the spectral shift are missing from the model or cannot be "
-                f"shifted: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-            )
-    return targets
-
-
-def _is_excluded(config: SpectralShiftConfig, name: str) -> bool:
-    excluded = config.exclude_modules
-    if excluded is None:
-        return False
-    if isinstance(excluded, str):
-        return re.fullmatch(excluded, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in excluded)
+class _NoLayer:
+    """Matches no module: PEFT's `set_adapter` with it switches only the auxiliary wrappers (modules_to_save)."""
 
 
 class SpectralShiftModel(BaseTuner):
@@ -107,15 +62,26 @@ class SpectralShiftModel(BaseTuner):
         return peft_config
 
     def _check_target_module_exists(self, peft_config, key):
-        return key in getattr(self, "_spectral_targets", ())
+        if key in getattr(self, "_spectral_targets", ()):
+            return True
+        if is_excluded(peft_config, key):
+            # PEFT tells "excluded" from "not matched" by the marker its own matcher returns for an excluded key
+            # (it checks exclusions first); passing it on keeps PEFT's warnings about unused exclusions truthful.
+            return check_target_module_exists(peft_config, key)
+        return False
 
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
                        state_dict=None):
         config = self.peft_config[adapter_name]
-        module_names = None
-        if state_dict is not None:
-            module_names = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
-        targets = resolve_targets(model, config, module_names)
+        options = _SVD_OPTIONS.get()
+        if state_dict is not None and options.get("targets") is not None:
+            targets = options["targets"]
+        else:
+            module_names = None
+            if state_dict is not None:
+                module_names = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
+            targets = resolve_targets(model, config, module_names)
+        factor_dtype = factor_dtype_of(config.factor_dtype)
         # Validate every target before the first module is replaced, so a failure leaves the model unchanged.
         needed: dict[str, nn.Module] = {}
         for name, raw in targets.items():
@@ -129,27 +95,58 @@ class SpectralShiftModel(BaseTuner):
                         f"Module {name!r} already holds spectral shifts with another norm_mode; all adapters of one "
                         f"module must use the same norm_mode."
                     )
+                if wants_factors and existing.factor_dtype != factor_dtype:
+                    raise ValueError(
+                        f"Module {name!r} keeps its SVD factors in {existing.factor_dtype}; all adapters of one "
+                        f"module share them, so `factor_dtype` must be {str(existing.factor_dtype)[6:]!r} here."
+                    )
             elif wants_factors:
                 needed[name] = raw
-        options = _SVD_OPTIONS.get()
         given = options.get("factors", {})
         to_compute = {name: weight_matrix(raw.weight) for name, raw in needed.items() if name not in given}
         computed = compute_factors(to_compute, cache=options.get("cache"), progress=options.get("progress"),
-                                   desc=f"SVD for {adapter_name!r}")
+                                   desc=f"SVD for {adapter_name!r}", factor_dtype=factor_dtype)
         self._spectral_factors = {name: given.get(name) or computed.get(name) for name in needed}
         self._spectral_targets = set(targets)
+        self._spectral_injecting = True
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=False,
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
             self._spectral_factors = {}
+            self._spectral_injecting = False
+        if not autocast_adapter_dtype:
+            self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=False)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """PEFT's `set_adapter` (which unmerges merged layers first, with a warning) — except while a new adapter is
+        injected: adding a shift must not silently unfuse the fused ones. Merged layers apply later adapters on top
+        of the merged ones, inside the same ReLU."""
+        if not getattr(self, "_spectral_injecting", False):
+            return super().set_adapter(adapter_name, inference_mode=inference_mode)
+        peft_set_adapter(self.model, adapter_name, inference_mode=inference_mode, layer_cls=_NoLayer)  # auxiliaries
+        for _, layer in spectral_layers(self.model):
+            layer.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """δ is created in float32 (PEFT's `autocast_adapter_dtype=True`); `False` keeps it in the dtype of a
+        float16 / bfloat16 base weight instead, as PEFT's LoRA does."""
+        if autocast_adapter_dtype:
+            return
+        for _, layer in spectral_layers(self.model):
+            weight_dtype = layer.base_layer.weight.dtype
+            if adapter_name in layer.spectral_delta and weight_dtype in (torch.float16, torch.bfloat16):
+                delta = layer.spectral_delta[adapter_name]
+                layer.spectral_delta[adapter_name] = nn.Parameter(delta.detach().to(weight_dtype),
+                                                                  requires_grad=delta.requires_grad)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         existing = find_spectral_layer(target)
         if existing is not None:
             existing.update_layer(adapter_name, init_scale=peft_config.init_scale)
             return
-        raw = _raw_module(target)
+        raw = raw_module(target)
         new_module = layer_class_for(raw)(raw, self._spectral_factors.get(current_key))
         new_module.update_layer(adapter_name, init_scale=peft_config.init_scale)
         if target is raw:
