@@ -105,6 +105,17 @@ def test_an_entry_must_belong_to_the_weight_it_is_read_for(tmp_path, caplog):
     assert "another weight" in caplog.text
 
 
+def test_factors_of_another_weight_are_rejected_even_under_the_right_key(tmp_path):
+    """The recorded key is not enough: the factors themselves must fit the weight (W·v₁ = σ₁·u₁)."""
+    cache = SVDCache(tmp_path)
+    generator = torch.Generator().manual_seed(7)
+    first, second = torch.randn(300, 40, generator=generator), torch.randn(300, 40, generator=generator)
+    cache.put(weight_key(first), decompose(second))  # written under first's key, with first's key recorded
+    assert cache.get(weight_key(first), first) is None
+    cache.put(weight_key(first), decompose(first))
+    assert cache.get(weight_key(first), first) is not None
+
+
 def _unusable_cache(tmp_path, kind):
     cache = SVDCache(tmp_path / "cache")
     weight = torch.randn(20, 30)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import svdiff_adapter as sa
+
 from svdiff_adapter import toyworld as tw
 from svdiff_adapter.toyworld import world as W
 from svdiff_adapter.toyworld.judge import (
@@ -271,6 +273,7 @@ def test_bundled_pipeline_loads_small_and_samples():
     pipe = StableDiffusionPipeline.from_pretrained(tw.PIPELINE_DIR)  # the plain diffusers route works
     assert pipe.unet.dtype == torch.float16 or pipe.unet.dtype == torch.float32
     pipe = tw.load_toyworld_pipeline()
+    assert isinstance(pipe, sa.SpectralShiftLoaderMixin)  # `pipe.load_spectral_shift(...)` works on it
     check_tokenizer(pipe.tokenizer)
     assert pipe.tokenizer.get_vocab() == load_tokenizer().get_vocab()
     images = tw.generate(pipe, ["a red star on a blue background"] * 2, num_inference_steps=5, seed=0)

@@ -157,7 +157,7 @@ class SVDCache:
 
     - Never stale: the key is a 128-bit hash of the weight's bytes, shape and dtype, so a different weight cannot hit.
     - An entry proves it belongs to the weight it is read for: it records its key, and its leading singular pair must
-      satisfy W·v₁ = σ₁·u₁ for that weight. An entry copied from another weight is rejected.
+      satisfy W·v₁ = σ₁·u₁ for that weight (checked on a few rows). An entry copied from another weight is rejected.
     - A corrupt entry (unreadable file, wrong shapes, checksum mismatch, wrong weight) is reported, deleted and
       rebuilt; a path that is not a regular file (a folder, a FIFO) is ignored without being opened.
     - Writers go through a temporary file and an atomic rename, so concurrent writers cannot corrupt an entry
@@ -210,16 +210,18 @@ class SVDCache:
         atomic_save_safetensors(tensors, path, metadata)
 
 
-def _leading_pair_fits(matrix: torch.Tensor, factors: SpectralFactors) -> bool:
-    """W·v₁ = σ₁·u₁ up to the factors' rounding: one matrix-vector product proves the factors are this weight's."""
+def _leading_pair_fits(matrix: torch.Tensor, factors: SpectralFactors, rows: int = 64) -> bool:
+    """W·v₁ = σ₁·u₁ up to the factors' rounding, on the first `rows` rows: a product with a sliver of the weight
+    proves the factors are this weight's (another weight's leading pair misses by O(σ₁) on any rows) without reading
+    the whole weight again, which the key's hash has just done."""
     if factors.S.numel() == 0:
         return True
     v = factors.Vh[0].to(device=matrix.device, dtype=torch.float32)
-    u = factors.U[:, 0].to(device=matrix.device, dtype=torch.float32)
+    u = factors.U[:rows, 0].to(device=matrix.device, dtype=torch.float32)
     sigma = float(factors.S[0])
-    residual = float((matrix.detach().to(torch.float32) @ v - sigma * u).norm())
-    # float16 factors move W·v₁ and σ₁·u₁ by about 2⁻¹¹·σ₁ each; another weight's pair misses by O(σ₁).
-    return residual <= 1e-2 * sigma + 1e-6
+    residual = float((matrix[:rows].detach().to(torch.float32) @ v - sigma * u).norm())
+    # float16 factors move W·v₁ and σ₁·u₁ by about 2⁻¹¹·σ₁ each.
+    return residual <= 1e-2 * sigma * max(float(u.norm()), 1e-3) + 1e-6
 
 
 def resolve_cache(cache: Union[bool, str, os.PathLike, SVDCache, None]) -> Optional[SVDCache]:

@@ -1,34 +1,21 @@
 """CoSINE single-image editing (docs/editing.md): fine-tune spectral shifts on one image–prompt pair, then edit by
 changing the prompt — DDIM inversion, noise injection (η, slerp), sampling. Imported on demand (not by
-`import svdiff_adapter`).
-
-The names below are loaded from their submodules on first use, so that building the command-line parser
-(`add_edit_arguments`, for ``svdiff edit --help``) imports neither torch nor diffusers.
+`import svdiff_adapter`). The command-line options live in `svdiff_cli.edit_options` and are re-exported here.
 """
 
-import importlib
+from svdiff_cli.edit_options import add_edit_arguments, build_parser, parse_args
+
+from .conditioning import PromptConditioning, encode_prompts, is_sdxl, predict_noise
+from .edit import EditResult, check_device, edit_image, load_pipeline, main
+from .finetune import finetune_on_image
+from .images import decode_latents, encode_image, prepare_image, side_by_side
+from .inversion import ddim_invert, ddim_sample, ddim_schedulers
+from .noise import slerp
 
 
-_EXPORTS = {
-    "add_edit_arguments": "args", "build_parser": "args", "parse_args": "args",
-    "PromptConditioning": "conditioning", "encode_prompts": "conditioning", "is_sdxl": "conditioning",
-    "predict_noise": "conditioning",
-    "EditResult": "edit", "check_device": "edit", "edit_image": "edit", "load_pipeline": "edit", "main": "edit",
-    "finetune_on_image": "finetune",
-    "decode_latents": "images", "encode_image": "images", "prepare_image": "images", "side_by_side": "images",
-    "ddim_invert": "inversion", "ddim_sample": "inversion", "ddim_schedulers": "inversion",
-    "slerp": "noise",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = [
+    "EditResult", "PromptConditioning", "add_edit_arguments", "build_parser", "check_device", "ddim_invert",
+    "ddim_sample", "ddim_schedulers", "decode_latents", "edit_image", "encode_image", "encode_prompts",
+    "finetune_on_image", "is_sdxl", "load_pipeline", "main", "parse_args", "predict_noise", "prepare_image",
+    "side_by_side", "slerp",
+]

@@ -19,7 +19,7 @@ from ..format import DEFAULT_WEIGHT_NAME, SpectralShiftFile, save_shift_file
 from ..loaders import load_spectral_shift, spectral_adapter_names, to_shift_file, unload_spectral_shift
 from ..tools import read_shift
 from ..training.images import load_image
-from .args import parse_args
+from svdiff_cli.edit_options import parse_args
 from .finetune import finetune_on_image
 from .images import ImageInput, decode_latents, encode_image, prepare_image, save_png, side_by_side
 from .inversion import ddim_invert, ddim_sample

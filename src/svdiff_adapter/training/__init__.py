@@ -1,41 +1,50 @@
 """DreamBooth-style training of spectral shifts: data, Cut-Mix-Unmix, the unmix regularisation, the loss, the
-optimizer, checkpoints and the loop (`train`). Imported on demand (not by `import svdiff_adapter`).
-
-The names below are loaded from their submodules on first use, so that building the command-line parser
-(`add_train_arguments`, for ``svdiff train --help``) imports neither torch nor diffusers.
+optimizer, checkpoints and the loop (`train`). Imported on demand (not by `import svdiff_adapter`). The command-line
+options live in `svdiff_cli.train_options` (so that `svdiff train --help` imports no torch) and are re-exported here.
 """
 
-import importlib
+from svdiff_cli.train_options import add_train_arguments, build_parser, check_train_arguments, parse_args
+
+from .attention import (
+    AttentionProbsRecorder,
+    CrossAttentionStore,
+    identifier_token_weights,
+    install_attention_recorders,
+    unmix_loss,
+)
+from .checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    recover_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .cutmix import CutMixSample, cut_mix, cut_mix_prompt, draw_pair
+from .data import Batch, DreamBoothData
+from .images import (
+    MAX_ASPECT_RATIO,
+    ImageTransform,
+    TrainingDataError,
+    check_image_size,
+    list_images,
+    load_image,
+    load_images,
+    to_rgb,
+)
+from .loop import TrainingInterrupted, main, train
+from .loss import Frozen, training_loss
+from .optim import make_optimizer, shift_parameters
+from .prior import ensure_class_images
+from .subjects import Subject, check_identifier, infer_identifier, load_concepts_list, parse_subject
 
 
-_EXPORTS = {
-    "add_train_arguments": "args", "build_parser": "args", "check_train_arguments": "args", "parse_args": "args",
-    "AttentionProbsRecorder": "attention", "CrossAttentionStore": "attention",
-    "identifier_token_weights": "attention", "install_attention_recorders": "attention", "unmix_loss": "attention",
-    "CheckpointError": "checkpoint", "list_checkpoints": "checkpoint", "load_checkpoint": "checkpoint",
-    "recover_checkpoints": "checkpoint", "resolve_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "CutMixSample": "cutmix", "cut_mix": "cutmix", "cut_mix_prompt": "cutmix", "draw_pair": "cutmix",
-    "Batch": "data", "DreamBoothData": "data",
-    "ImageTransform": "images", "MAX_ASPECT_RATIO": "images", "TrainingDataError": "images",
-    "check_image_size": "images", "list_images": "images", "load_image": "images", "load_images": "images",
-    "to_rgb": "images",
-    "TrainingInterrupted": "loop", "main": "loop", "train": "loop",
-    "Frozen": "loss", "training_loss": "loss",
-    "make_optimizer": "optim", "shift_parameters": "optim",
-    "ensure_class_images": "prior",
-    "Subject": "subjects", "check_identifier": "subjects", "infer_identifier": "subjects",
-    "load_concepts_list": "subjects", "parse_subject": "subjects",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = [
+    "AttentionProbsRecorder", "Batch", "CheckpointError", "CrossAttentionStore", "CutMixSample", "DreamBoothData",
+    "Frozen", "ImageTransform", "MAX_ASPECT_RATIO", "Subject", "TrainingDataError", "TrainingInterrupted",
+    "add_train_arguments", "build_parser", "check_identifier", "check_image_size", "check_train_arguments",
+    "cut_mix", "cut_mix_prompt", "draw_pair", "ensure_class_images", "identifier_token_weights", "infer_identifier",
+    "install_attention_recorders", "list_checkpoints", "list_images", "load_checkpoint", "load_concepts_list",
+    "load_image", "load_images", "main", "make_optimizer", "parse_args", "parse_subject", "recover_checkpoints",
+    "resolve_checkpoint", "save_checkpoint", "shift_parameters", "to_rgb", "train", "training_loss", "unmix_loss",
+]

@@ -18,7 +18,7 @@ from ..format import DEFAULT_WEIGHT_NAME
 from ..loaders import add_spectral_shift, save_spectral_shift
 from ..tuner import SpectralShiftConfig
 from .attention import CrossAttentionStore, install_attention_recorders
-from .args import check_train_arguments
+from svdiff_cli.train_options import check_train_arguments
 from .checkpoint import load_checkpoint, recover_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothData
 from .images import ImageTransform, load_images
@@ -285,7 +285,7 @@ def _available_tracker(report_to: Optional[str]):
 
 def main(args: Optional[argparse.Namespace] = None) -> dict:
     """Entry point for ``svdiff train`` and the example script: parse (if needed) and train."""
-    from .args import parse_args
+    from svdiff_cli.train_options import parse_args
 
     if args is None:
         args = parse_args()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..training.args import DefaultsHelpFormatter
+from .train_options import DefaultsHelpFormatter
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
