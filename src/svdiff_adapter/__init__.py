@@ -7,6 +7,7 @@ and documented in docs/api.md; docs/architecture.md maps the modules.
 from .format import (
     DEFAULT_WEIGHT_NAME,
     FORMAT_VERSION,
+    SpectralFactorMismatchError,
     SpectralShiftFile,
     SpectralShiftFormatError,
     WrongBaseModelError,
@@ -30,7 +31,7 @@ from .loaders import (
     spectral_adapter_names,
     unload_spectral_shift,
 )
-from .svd import SpectralFactors, SVDCache, compute_factors
+from .svd import SpectralFactors, SVDCache, TruncatedSVD, compute_factors
 from .tools import (
     ToolError,
     export_lora,
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_WEIGHT_NAME",
     "FORMAT_VERSION",
     "SVDCache",
+    "SpectralFactorMismatchError",
     "SpectralFactors",
     "SpectralShiftConfig",
     "SpectralShiftFile",
@@ -68,6 +70,7 @@ __all__ = [
     "SpectralShiftNotFoundError",
     "SpectralShiftPeftType",
     "ToolError",
+    "TruncatedSVD",
     "WrongBaseModelError",
     "add_spectral_shift",
     "compute_factors",

@@ -1,5 +1,6 @@
 """File format v1 of spectral shifts (the spec is docs/format.md), reading svdiff-pytorch files and state dicts,
-and the base-model fingerprints that tie a file to the weights it was trained on.
+the base-model fingerprints that tie a file to the weights it was trained on, and the factor fingerprints that tie
+a truncated spectrum to the singular vectors it was trained on.
 
 Pure data: tensors, names and metadata; nothing here knows torch modules.
 """
@@ -36,7 +37,16 @@ DELTA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # A Hub repo id: "name" or "namespace/name" (huggingface_hub's own rules are stricter; this only tells ids from paths).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_CONFIG_TYPES = {"target_kinds": list, "norm_mode": str}
+_CONFIG_TYPES = {"target_kinds": list, "norm_mode": str, "spectral_rank": int, "spectral_oversampling": int,
+                 "spectral_power_iterations": int, "spectral_seed": int, "spectral_svd_dtype": str,
+                 "spectral_factor_devices": list}
+# With `spectral_rank`, these rebuild the same top-k factors; a file must record every one of them.
+TRUNCATION_CONFIG_KEYS = ("spectral_oversampling", "spectral_power_iterations", "spectral_seed", "spectral_svd_dtype")
+FACTOR_FINGERPRINT_SEED = 20110  # fixed forever: the probes of every factor fingerprint
+FACTOR_FINGERPRINT_PAIR_SUMS = 4
+# Absolute, on numbers of order 1: above the change that rounding the factors to float16 causes (≤ 1.5·10⁻³
+# measured), ~10²× the float32 round-off of the randomized SVD on well-separated singular values (docs/format.md).
+FACTOR_FINGERPRINT_TOLERANCE = 5e-3
 
 
 class SpectralShiftFormatError(ValueError):
@@ -47,6 +57,11 @@ class WrongBaseModelError(SpectralShiftFormatError):
     """The base weights differ from the ones a shift was trained on (fingerprint mismatch)."""
 
 
+class SpectralFactorMismatchError(WrongBaseModelError):
+    """The top-k singular vectors rebuilt here differ from the ones a truncated shift was trained on (factor
+    fingerprint mismatch): the shift would act on other directions of the same base weights."""
+
+
 @dataclass
 class SpectralShiftFile:
     """The content of a spectral-shift file.
@@ -55,6 +70,8 @@ class SpectralShiftFile:
         deltas: component → module path → δ (1-D). The component is "" for a bare model.
         configs: component → adapter config options (`target_kinds`, `norm_mode`, ...).
         fingerprints: component → module path → leading singular values (or norm values) of the base weight.
+        factor_fingerprints: component → module path → `factor_fingerprint` of the kept singular vectors, for every
+            module whose spectrum is truncated (`spectral_rank` in its component's config).
         base_model, base_revision: the Hub id (and revision) of the base model the shifts were trained on, when
             known; local paths are never recorded (the fingerprints identify the base wherever it lies).
         source: "v1" (a file), "svdiff-pytorch" (its files) or "state_dict" (tensors given in memory).
@@ -63,6 +80,7 @@ class SpectralShiftFile:
     deltas: dict[str, dict[str, torch.Tensor]]
     configs: dict[str, dict] = field(default_factory=dict)
     fingerprints: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    factor_fingerprints: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     base_model: Optional[str] = None
     base_revision: Optional[str] = None
     source: str = "v1"
@@ -128,6 +146,8 @@ def save_shift_file(
         "config": json.dumps(shift_file.configs, sort_keys=True),
         "fingerprint": json.dumps(shift_file.fingerprints, sort_keys=True),
     }
+    if any(shift_file.factor_fingerprints.values()):
+        metadata["factor_fingerprint"] = json.dumps(shift_file.factor_fingerprints, sort_keys=True)
     base_model = hub_id_or_none(shift_file.base_model)
     if base_model:
         metadata["base_model"] = base_model
@@ -261,10 +281,21 @@ def _per_component(field: str, value: dict) -> dict:
 def _checked_configs(configs: dict) -> dict:
     for component, config in _per_component("config", configs).items():
         for key, expected in _CONFIG_TYPES.items():
-            if key in config and not isinstance(config[key], expected):
+            value = config.get(key)
+            if key == "spectral_rank" and value is None:
+                continue  # null: the full spectrum
+            if key in config and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
                 raise SpectralShiftFormatError(
                     f"Metadata field 'config' of {component!r}: {key!r} should be a {expected.__name__}, got "
-                    f"{config[key]!r}."
+                    f"{value!r}."
+                )
+        if config.get("spectral_rank") is not None:
+            missing = [key for key in TRUNCATION_CONFIG_KEYS if key not in config]
+            if config["spectral_rank"] < 1 or missing:
+                raise SpectralShiftFormatError(
+                    f"Metadata field 'config' of {component!r}: 'spectral_rank' {config['spectral_rank']} needs to be "
+                    f">= 1 and to come with {list(TRUNCATION_CONFIG_KEYS)} (missing: {missing}), the parameters "
+                    "that rebuild the factors the shift was trained with."
                 )
     return configs
 
@@ -273,12 +304,12 @@ def _is_number_list(values) -> bool:
     return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def _checked_fingerprints(fingerprints: dict) -> dict:
-    for component, modules in _per_component("fingerprint", fingerprints).items():
+def _checked_fingerprints(fingerprints: dict, name: str = "fingerprint") -> dict:
+    for component, modules in _per_component(name, fingerprints).items():
         bad = next((m for m, values in modules.items() if not _is_number_list(values)), None)
         if bad is not None:
             raise SpectralShiftFormatError(
-                f"Metadata field 'fingerprint' of {qualified_name(component, bad)!r} should be a list of numbers, "
+                f"Metadata field {name!r} of {qualified_name(component, bad)!r} should be a list of numbers, "
                 f"got {modules[bad]!r:.80}."
             )
     return fingerprints
@@ -311,6 +342,8 @@ def _parse_v1(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
         deltas=deltas,
         configs=_checked_configs(_json_field(metadata, "config", {}, dict)),
         fingerprints=_checked_fingerprints(_json_field(metadata, "fingerprint", {}, dict)),
+        factor_fingerprints=_checked_fingerprints(_json_field(metadata, "factor_fingerprint", {}, dict),
+                                                  "factor_fingerprint"),
         base_model=metadata.get("base_model"),
         base_revision=metadata.get("base_revision"),
         source="v1",
@@ -361,3 +394,36 @@ def check_fingerprints(expected: Mapping[str, list[float]], actual: Mapping[str,
             f"ones the shift was trained on (singular-value fingerprint mismatch), e.g. {mismatched[:5]}. Spectral "
             "shifts only apply to the exact base model they were trained on."
         )
+
+
+def factor_fingerprint(U: torch.Tensor, Vh: torch.Tensor) -> list[float]:
+    """What a file records of the kept singular vectors of one truncated module: 4 + k' sign-invariant numbers of
+    order 1.
+
+    With fixed unit probes a (m) and b (n), p = √m·U_kᵀa and q = √n·V_k·b (entries ~ N(0, 1)): first Σⱼ gᵣⱼ·pⱼqⱼ/√k'
+    for 4 fixed Gaussian weight vectors gᵣ (they follow U and V together, as W_δ does: another kept subspace or
+    another pairing moves them by O(1)), then |pⱼ| for every kept vector (a rotation by θ of uⱼ towards a
+    neighbour uₗ — near-equal singular values decomposed with other round-off — moves |pⱼ| by about θ·|pₗ|; vⱼ
+    follows uⱼ, Vᵀ = diag(σ)⁻¹·Uᵀ·W). Flipping the signs of a pair (uⱼ, vⱼ), which leaves W_δ unchanged, changes
+    none of them. Computed in float64 on the CPU from the stored factors; 5 decimals.
+    """
+    U = U.detach().to("cpu", torch.float64)
+    V = Vh.detach().to("cpu", torch.float64).T
+    rows, kept = U.shape
+    cols = V.shape[0]
+    generator = torch.Generator().manual_seed(FACTOR_FINGERPRINT_SEED)
+    probe_rows = torch.randn(rows, generator=generator, dtype=torch.float64)
+    probe_cols = torch.randn(cols, generator=generator, dtype=torch.float64)
+    weights = torch.randn(FACTOR_FINGERPRINT_PAIR_SUMS, kept, generator=generator, dtype=torch.float64)
+    p = (U.T @ probe_rows) * (math.sqrt(rows) / float(probe_rows.norm()))
+    q = (V.T @ probe_cols) * (math.sqrt(cols) / float(probe_cols.norm()))
+    pair_sums = weights @ (p * q) / math.sqrt(max(kept, 1))
+    return [round(float(v), 5) for v in (*pair_sums, *p.abs())]
+
+
+def check_factor_fingerprints(expected: Mapping[str, list[float]], actual: Mapping[str, list[float]],
+                              tolerance: float = FACTOR_FINGERPRINT_TOLERANCE) -> list[str]:
+    """The modules (of `actual`) whose factor fingerprint differs from `expected` by more than `tolerance`."""
+    return [name for name, values in actual.items() if name in expected and (
+        len(values) != len(expected[name])
+        or any(abs(a - e) > tolerance for a, e in zip(values, expected[name])))]

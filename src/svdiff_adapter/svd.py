@@ -9,6 +9,10 @@ What is kept per matrix (m × n, k = min(m, n)) and why:
   columns never overflow float16) only scales the *change* |ReLU(σ+δ) − σ|, never W itself. Half the memory of
   float32 factors, which `factor_dtype=torch.float32` keeps instead (docs/performance.md compares the two).
 - σ (k) in float32: it decides where the ReLU clips and is tiny.
+
+With a `TruncatedSVD` (`SpectralShiftConfig(spectral_rank=k)`) only the top k' = min(k, min(m, n)) triplets are kept,
+from a seeded randomized SVD (`truncated_decompose`): far cheaper than a full SVD for large matrices, and U_k, V_kᵀ
+cost k'·(m + n) values instead of min(m, n)·(m + n).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import numbers
 import os
 import stat
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import xxhash
@@ -39,6 +44,9 @@ FACTOR_DTYPE = torch.float16  # the default; `factor_dtype=torch.float32` is the
 FACTOR_DTYPES = (torch.float16, torch.float32)
 # Bump when the factor computation or the cache layout changes: old entries then never match.
 ENGINE_VERSION = "2"
+# Part of the cache key of truncated factors: bump when `truncated_decompose` changes its arithmetic.
+RANDOMIZED_SVD_VERSION = "hmt1"
+SVD_DTYPES = ("float32", "float64")
 CACHE_ENV = "SVDIFF_SVD_CACHE"
 CACHE_DIR_ENV = "SVDIFF_CACHE_DIR"
 # Below this many weight elements a progress bar is noise.
@@ -48,16 +56,81 @@ _IO_WORKERS = 2
 _SVD_WORKERS = 4
 
 
+@dataclass(frozen=True)
+class TruncatedSVD:
+    """How the top-k singular triplets of a matrix are computed (`truncated_decompose`).
+
+    Attributes:
+        rank: k. A matrix m × n keeps k' = min(k, min(m, n)) triplets; with k ≥ min(m, n) nothing is truncated and
+            the exact full SVD is used (`truncation_for`).
+        oversampling: p, extra columns of the Gaussian test matrix (a sketch of k' + p columns).
+        power_iterations: q, products with Wᵀ and W that sharpen the sketch on slowly decaying spectra, each
+            followed by a QR re-orthonormalisation (Halko, Martinsson & Tropp 2011, Algorithm 4.4).
+        seed: seed of the test matrix, drawn by a CPU `torch.Generator` so that every device type uses the same one.
+        dtype: `"float32"` (default) or `"float64"` arithmetic.
+
+    The factors are a deterministic function of the weight and these values on one device type; files record them
+    (docs/format.md) so that a load rebuilds the factors a shift was trained with.
+    """
+
+    rank: int
+    oversampling: int = 16
+    power_iterations: int = 4
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        check_count("rank", self.rank, minimum=1)
+        check_count("oversampling", self.oversampling, minimum=0)
+        check_count("power_iterations", self.power_iterations, minimum=0)
+        check_count("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        if self.dtype not in SVD_DTYPES:
+            raise ValueError(f"`dtype` should be one of {list(SVD_DTYPES)} but the value passed is {self.dtype!r}.")
+
+    def kept(self, rows: int, cols: int) -> int:
+        """k' = min(k, min(m, n)), the triplets a matrix of this shape keeps."""
+        return min(self.rank, rows, cols)
+
+    @property
+    def key(self) -> str:
+        """What the cache key of truncated factors adds (the algorithm's version and every parameter)."""
+        return (f"{RANDOMIZED_SVD_VERSION}|rank={self.rank}|p={self.oversampling}|q={self.power_iterations}|"
+                f"seed={self.seed}|{self.dtype}")
+
+
+def check_count(name: str, value, minimum: int, maximum: Optional[int] = None) -> None:
+    """A whole number (a Python or NumPy int, not a bool) within bounds, else a ValueError quoting it."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"`{name}` should be an integer {bounds} but the value passed is {value!r}.")
+
+
+def truncation_for(shape: Sequence[int], truncation: Optional[TruncatedSVD]) -> Optional[TruncatedSVD]:
+    """The truncation that applies to a matrix of this shape: None (the full SVD) without one or when
+    k ≥ min(m, n) — then the top-k triplets are all of them, and the exact SVD gives them."""
+    if truncation is None or truncation.rank >= min(shape[-2], shape[-1]):
+        return None
+    return truncation
+
+
 @dataclass
 class SpectralFactors:
-    """Thin SVD of a weight matrix: W ≈ U · diag(S) · Vh, S descending."""
+    """Thin SVD of a weight matrix: W ≈ U · diag(S) · Vh, S descending.
+
+    `truncation` is set for top-k factors (`truncated_decompose`), with `computed_on`, the device type that computed
+    them (their values depend on it up to round-off); both are None for a full SVD.
+    """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
+    truncation: Optional[TruncatedSVD] = None
+    computed_on: Optional[str] = None
 
     def to(self, device) -> "SpectralFactors":
-        return SpectralFactors(self.U.to(device), self.S.to(device), self.Vh.to(device))
+        return SpectralFactors(self.U.to(device), self.S.to(device), self.Vh.to(device), self.truncation,
+                               self.computed_on)
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +167,65 @@ def decompose(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE) ->
     )
 
 
+def truncated_decompose(matrix: torch.Tensor, truncation: TruncatedSVD,
+                        factor_dtype: torch.dtype = FACTOR_DTYPE) -> SpectralFactors:
+    """Top k' = min(k, min(m, n)) singular triplets by a seeded randomized SVD, on the matrix's device.
+
+    Halko, Martinsson & Tropp, "Finding structure with randomness", SIAM Review 2011: a range finder with a Gaussian
+    test matrix Ω (n × l, l = k' + p) and q power iterations re-orthonormalised by QR after every product
+    (Algorithm 4.4: Q = qr(W·Ω); q times Q = qr(W·qr(Wᵀ·Q))), then the exact SVD of the small B = Qᵀ·W
+    (Algorithm 5.1): W ≈ (Q·Ũ)·diag(σ)·Vᵀ. Ω comes from a CPU generator seeded with `truncation.seed`, so it is the
+    same on every device type; the result is bit-identical for the same weight, parameters and device type (and
+    library build). The relation Wᵀ·U = V·diag(σ) holds to round-off whatever the sketch's accuracy (Bᵀ·Ũ = V·Σ),
+    which the cache uses to prove an entry belongs to its weight.
+
+    When the sketch would be as wide as the matrix (k' + p ≥ min(m, n)) the exact SVD is cheaper: its top k'
+    triplets are returned. Accepts a matrix or a batch of same-shaped matrices (leading dimensions).
+    """
+    rows, cols = matrix.shape[-2], matrix.shape[-1]
+    kept = truncation.kept(rows, cols)
+    dtype = torch.float64 if truncation.dtype == "float64" else torch.float32
+    work = matrix.detach().to(dtype)
+    sketch = kept + truncation.oversampling
+    with one_thread_if_small(rows * cols, work.device), _full_precision_matmuls():
+        if sketch >= min(rows, cols):
+            exact = decompose(work, factor_dtype=dtype)
+            U, S, Vh = exact.U[..., :kept], exact.S[..., :kept], exact.Vh[..., :kept, :]
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(truncation.seed)
+            test = torch.randn(cols, sketch, generator=generator, dtype=torch.float32).to(work.device, dtype)
+            basis = torch.linalg.qr(work @ test).Q  # m × l, an orthonormal basis of the sketched range
+            for _ in range(truncation.power_iterations):
+                # Re-orthonormalising after each product keeps the small singular directions from being lost to
+                # round-off (powers of W alone would collapse onto the leading ones).
+                basis = torch.linalg.qr(work.mT @ basis).Q  # n × l
+                basis = torch.linalg.qr(work @ basis).Q  # m × l
+            small = basis.mT @ work  # B = Qᵀ·W, l × n
+            # The SVD of the tall Bᵀ (n × l) is the fast LAPACK case; B = (V·Σ·Ũᵀ)ᵀ.
+            V, S, small_Uh = torch.linalg.svd(small.mT, full_matrices=False)
+            U = basis @ small_Uh.mT[..., :kept]
+            S, Vh = S[..., :kept], V.mT[..., :kept, :]
+    return SpectralFactors(
+        U=U.to(factor_dtype).contiguous(), S=S.to(torch.float32).contiguous(), Vh=Vh.to(factor_dtype).contiguous(),
+        truncation=truncation, computed_on=work.device.type,
+    )
+
+
+@contextlib.contextmanager
+def _full_precision_matmuls():
+    """IEEE float32 products while truncated factors are computed: TF32 (GPUs) or bfloat16 (oneDNN) float32
+    matmuls, if a user enabled them, would round the sketch to ~10⁻³ and make the factors depend on that setting."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @contextlib.contextmanager
 def one_thread_if_small(numel: int, device: Union[str, torch.device] = "cpu"):
     """Run the math of one small matrix on one CPU thread.
@@ -119,14 +251,20 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(data.reshape(-1).view(torch.uint8).numpy())
 
 
-def weight_key(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE) -> str:
-    """Content key of a weight's factors: a 128-bit xxh3 hash of its bytes, shape and dtype, and the factor dtype.
+def weight_key(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE,
+               truncation: Optional[TruncatedSVD] = None) -> str:
+    """Content key of a weight's factors: a 128-bit xxh3 hash of its bytes, shape and dtype, and the factor dtype;
+    for truncated factors also every parameter of the truncation and the device type that computes them (their
+    round-off differs between device types), so full and truncated factors, or two ranks, never share an entry.
 
     xxh3 is an order of magnitude faster than sha256, which made hashing the main cost of a cached load; an
     accidental collision between two different weights has probability ~2⁻¹²⁸.
     """
     digest = xxhash.xxh3_128()
-    digest.update(f"{ENGINE_VERSION}|{tuple(matrix.shape)}|{matrix.dtype}|{factor_dtype}".encode())
+    header = f"{ENGINE_VERSION}|{tuple(matrix.shape)}|{matrix.dtype}|{factor_dtype}"
+    if truncation is not None:
+        header += f"|{truncation.key}|{matrix.device.type}"
+    digest.update(header.encode())
     digest.update(_tensor_bytes(matrix))
     return digest.hexdigest()
 
@@ -170,8 +308,9 @@ class SVDCache:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str, matrix: torch.Tensor) -> Optional[SpectralFactors]:
-        """The factors of `matrix` stored under `key`, or None (absent, unusable or not this matrix's)."""
+    def get(self, key: str, matrix: torch.Tensor, kept: Optional[int] = None) -> Optional[SpectralFactors]:
+        """The factors of `matrix` stored under `key`, or None (absent, unusable or not this matrix's); `kept`:
+        the number of triplets of a truncated entry (default: all, min(m, n))."""
         path = self._path(key)
         try:
             mode = os.stat(path).st_mode
@@ -183,7 +322,7 @@ class SVDCache:
         try:
             tensors = load_file(str(path))
             factors = SpectralFactors(tensors["U"], tensors["S"], tensors["Vh"])
-            rank = min(matrix.shape)
+            rank = min(matrix.shape) if kept is None else kept
             expected = {"U": (matrix.shape[0], rank), "S": (rank,), "Vh": (rank, matrix.shape[1])}
             if any(tuple(tensors[name].shape) != dims for name, dims in expected.items()):
                 raise ValueError("factor shapes do not match the weight")
@@ -192,7 +331,8 @@ class SVDCache:
                 metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
             if metadata.get("checksum") != _factors_checksum(factors):
                 raise ValueError("checksum mismatch")
-            if metadata.get("weight_key") != key or not _leading_pair_fits(matrix, factors):
+            fits = _leading_pair_fits(matrix, factors) if kept is None else _leading_left_pair_fits(matrix, factors)
+            if metadata.get("weight_key") != key or not fits:
                 raise ValueError("the entry holds the factors of another weight")
         except (SafetensorError, OSError, KeyError, ValueError) as error:
             logger.warning("Ignoring corrupt SVD cache entry %s (%s); it will be rebuilt.", path, error)
@@ -224,6 +364,18 @@ def _leading_pair_fits(matrix: torch.Tensor, factors: SpectralFactors, rows: int
     return residual <= 1e-2 * sigma * max(float(u.norm()), 1e-3) + 1e-6
 
 
+def _leading_left_pair_fits(matrix: torch.Tensor, factors: SpectralFactors, cols: int = 64) -> bool:
+    """Wᵀ·u₁ = σ₁·v₁ on the first `cols` columns: what truncated factors satisfy to round-off even where the
+    randomized sketch has not converged (W·v₁ = σ₁·u₁ then need not hold)."""
+    if factors.S.numel() == 0:
+        return True
+    u = factors.U[:, 0].to(device=matrix.device, dtype=torch.float32)
+    v = factors.Vh[0, :cols].to(device=matrix.device, dtype=torch.float32)
+    sigma = float(factors.S[0])
+    residual = float((matrix[:, :cols].detach().to(torch.float32).mT @ u - sigma * v).norm())
+    return residual <= 1e-2 * sigma * max(float(v.norm()), 1e-3) + 1e-6
+
+
 def resolve_cache(cache: Union[bool, str, os.PathLike, SVDCache, None]) -> Optional[SVDCache]:
     """`True`/`None`: the default cache unless `$SVDIFF_SVD_CACHE=0`; `False`: none; a path or `SVDCache`: that."""
     if isinstance(cache, SVDCache):
@@ -243,9 +395,10 @@ def compute_factors(
     progress: Optional[bool] = None,
     desc: str = "SVD",
     factor_dtype: Union[torch.dtype, str, None] = None,
+    truncation: Optional[TruncatedSVD] = None,
 ) -> dict[str, SpectralFactors]:
     """Factors of each matrix (see `weight_matrix`), on the matrix's device, U and Vᵀ in `factor_dtype`
-    (default float16).
+    (default float16); with a `truncation`, the top-k triplets of `truncated_decompose` wherever k < min(m, n).
 
     CPU matrices are decomposed by up to 4 worker threads side by side, torch's intra-op threads shared among them
     (one LAPACK thread each on up to 4 cores): gesdd's bidiagonalisation scales poorly across threads, so SVDs side
@@ -253,16 +406,19 @@ def compute_factors(
     Same-shaped CUDA matrices go through one batched call. With a cache, two more threads hash weights and read
     entries ahead of the decompositions and write new entries behind them (hashing, file I/O and LAPACK all release
     the GIL). An interrupted run keeps every entry already computed. A cache that cannot be written (read-only, a
-    file in its place, a full disk) costs a warning, not the result.
+    file in its place, a full disk) costs a warning, not the result. Truncated CUDA matrices are decomposed one by
+    one: a batched product may round differently from a single one, and a matrix's factors must not depend on
+    which other matrices share its shape.
     """
     factor_dtype = factor_dtype_of(factor_dtype)
+    plans = {name: truncation_for(m.shape, truncation) for name, m in matrices.items()}
     svd_cache = resolve_cache(cache)
     total = sum(m.numel() for m in matrices.values())
     show = progress if progress is not None else total >= _PROGRESS_MIN_ELEMENTS
     results: dict[str, SpectralFactors] = {}
     io_pool = ThreadPoolExecutor(max_workers=_IO_WORKERS) if svd_cache is not None else None
     lookups = {
-        name: io_pool.submit(_lookup, svd_cache, m, factor_dtype) for name, m in matrices.items()
+        name: io_pool.submit(_lookup, svd_cache, m, factor_dtype, plans[name]) for name, m in matrices.items()
     } if io_pool else {}
     threads = torch.get_num_threads()
     workers = min(threads, _SVD_WORKERS)  # each holds one SVD workspace: bounded memory on many-core machines
@@ -289,8 +445,9 @@ def compute_factors(
             writes.append(io_pool.submit(write, keys[name], factors))
 
     torch.set_num_threads(max(1, threads // workers))  # per LAPACK call; the workers run side by side
+    precision = _full_precision_matmuls() if any(plans.values()) else contextlib.nullcontext()
     try:
-        with tqdm(total=total, desc=desc, unit="w", unit_scale=True, disable=not show) as bar:
+        with precision, tqdm(total=total, desc=desc, unit="w", unit_scale=True, disable=not show) as bar:
             cuda_misses = []
             for name, matrix in matrices.items():
                 if io_pool is not None:
@@ -299,7 +456,12 @@ def compute_factors(
                         results[name] = cached.to(matrix.device)
                         bar.update(matrix.numel())
                         continue
-                if matrix.device.type == "cuda":
+                if plans[name] is not None and matrix.device.type != "cpu":
+                    store(name, truncated_decompose(matrix, plans[name], factor_dtype))
+                    bar.update(matrix.numel())
+                elif plans[name] is not None:
+                    cpu_jobs[name] = svd_pool.submit(truncated_decompose, matrix, plans[name], factor_dtype)
+                elif matrix.device.type == "cuda":
                     cuda_misses.append(name)
                 else:
                     cpu_jobs[name] = svd_pool.submit(decompose, matrix, factor_dtype)
@@ -327,9 +489,15 @@ def compute_factors(
     return {name: results[name] for name in matrices}
 
 
-def _lookup(svd_cache: SVDCache, matrix: torch.Tensor, factor_dtype: torch.dtype):
-    key = weight_key(matrix, factor_dtype)
-    return key, svd_cache.get(key, matrix)
+def _lookup(svd_cache: SVDCache, matrix: torch.Tensor, factor_dtype: torch.dtype,
+            truncation: Optional[TruncatedSVD]):
+    key = weight_key(matrix, factor_dtype, truncation)
+    if truncation is None:
+        return key, svd_cache.get(key, matrix)
+    cached = svd_cache.get(key, matrix, kept=truncation.kept(*matrix.shape))
+    if cached is not None:  # the key says how and where they were computed
+        cached = SpectralFactors(cached.U, cached.S, cached.Vh, truncation, matrix.device.type)
+    return key, cached
 
 
 def _same_shape_groups(names: list[str], matrices: Mapping[str, torch.Tensor]) -> list[list[str]]:

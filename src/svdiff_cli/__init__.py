@@ -78,7 +78,7 @@ def _check_output_location(path: str) -> None:
 def _add_inspect(subparsers):
     parser = subparsers.add_parser("inspect", help="Describe a shift file; check it against a base model.")
     parser.add_argument("source", help="shift file, folder, or Hub repo id")
-    parser.add_argument("--base", help="base model folder (pipeline folder with unet/, text_encoder/ or model folder)")
+    parser.add_argument("--base", help="base model folder (pipeline folder with model_index.json, or a model folder)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=_run_inspect)
     return parser
@@ -236,6 +236,8 @@ def _add_extract(subparsers):
     parser.add_argument("--kinds", nargs="+", default=["linear", "conv2d", "norm"], help="module kinds to extract")
     parser.add_argument("--norm-mode", default="elementwise", help="elementwise (default) or scalar")
     parser.add_argument("--base-model", help="base model id to record in the file")
+    parser.add_argument("--components", nargs="+",
+                        help="pipeline components to compare (default: the denoisers and text encoders in both)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_extract)
@@ -247,7 +249,7 @@ def _run_extract(args) -> int:
 
     _check_output_location(args.output)
     result = extract_shift(args.base, args.tuned, args.output, target_kinds=args.kinds, norm_mode=args.norm_mode,
-                           base_model=args.base_model, overwrite=args.overwrite)
+                           base_model=args.base_model, components=args.components, overwrite=args.overwrite)
     report = result.report()
     _print(report, args.json, f"wrote {args.output}: {report['parameters']:,} parameters; the shift keeps "
                               f"{100 * report['kept']:.2f}% of ‖W_tuned − W_base‖² (relative residual "

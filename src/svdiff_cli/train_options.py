@@ -30,7 +30,7 @@ _AT_LEAST = {
     "validation_steps": (0, True), "validation_inference_steps": (1, True),
     "learning_rate": (0, False), "learning_rate_1d": (0, True), "prior_loss_weight": (0, True),
     "unmix_weight": (0, True), "adam_weight_decay": (0, True), "adam_epsilon": (0, False),
-    "max_grad_norm": (0, True), "lr_power": (0, False),
+    "max_grad_norm": (0, True), "lr_power": (0, False), "spectral_rank": (1, True),
 }
 # Option → closed interval of allowed values.
 _BETWEEN = {"cutmix_prob": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}
@@ -103,6 +103,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="Module kinds of the text encoder to shift.")
     shift.add_argument("--norm_mode", type=str, default="elementwise", choices=["elementwise", "scalar"],
                        help="How norm weights are shifted (see SpectralShiftConfig).")
+    shift.add_argument("--spectral_rank", type=int, default=None,
+                       help="Shift only the top k singular values of each matrix (a seeded randomized SVD, much faster "
+                            "than a full one on large models; see SpectralShiftConfig). Default: the full spectrum.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=1, help="Instance samples per device and step.")

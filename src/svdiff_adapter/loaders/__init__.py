@@ -47,6 +47,12 @@ PIPELINE_EXPORTS = {
     "StableDiffusionXLPipeline": "pipelines",
     "StableDiffusionXLImg2ImgPipeline": "pipelines",
     "StableDiffusionXLInpaintPipeline": "pipelines",
+    "StableDiffusion3Pipeline": "pipelines",
+    "FluxPipeline": "pipelines",
+    "Flux2Pipeline": "pipelines",
+    "QwenImagePipeline": "pipelines",
+    "WanPipeline": "pipelines",
+    "SanaPipeline": "pipelines",
 }
 __all__ += list(PIPELINE_EXPORTS)
 

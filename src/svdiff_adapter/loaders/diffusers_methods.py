@@ -74,18 +74,25 @@ class DiffusersAdapterMethods:
     finds the implementation they override.
     """
 
-    spectral_shift_components = COMPONENTS
+    # None: the components diffusers' LoRA loader of the pipeline manages (`_lora_loadable_modules`: `unet` or
+    # `transformer` / `transformer_2` and the text encoders it trains); a pipeline class without a LoRA loader falls
+    # back to `format.COMPONENTS`. A subclass may name its own tuple.
+    spectral_shift_components: Optional[tuple[str, ...]] = None
 
     # -------------------------------------------------------------------------------------------- helpers
+    @classmethod
+    def _spectral_component_names(cls) -> list[str]:
+        return list(cls.spectral_shift_components or lora_components(cls) or COMPONENTS)
+
     def _spectral_components(self) -> dict[str, nn.Module]:
         return {
-            name: model for name in self.spectral_shift_components
+            name: model for name in self._spectral_component_names()
             if isinstance(model := getattr(self, name, None), nn.Module)
         }
 
     def _adapter_components(self) -> dict[str, nn.Module]:
         """Every component that may hold tuner layers (diffusers' LoRA components and ours)."""
-        names = lora_components(self) + list(self.spectral_shift_components)
+        names = lora_components(self) + self._spectral_component_names()
         return {
             name: model for name in dict.fromkeys(names) if isinstance(model := getattr(self, name, None), nn.Module)
         }
@@ -114,10 +121,14 @@ class DiffusersAdapterMethods:
                 if isinstance(module, BaseTunerLayer):
                     yield component, name, module
 
-    def _activate(self, adapter_names: list[str]) -> None:
-        """The same active set on every tuner layer of every component (weights unchanged)."""
-        for _, _, layer in self._tuner_layers():
-            layer.set_adapter(list(adapter_names))
+    def _activate(self, adapter_names: list[str], holding: Optional[str] = None) -> None:
+        """The same active set on every tuner layer of every component (weights unchanged). With `holding`, only
+        the components that hold that adapter: a load into some components (Wan's `transformer_2` alone) leaves
+        the active adapters of the others as they were, as diffusers' own loaders do."""
+        components = self._adapter_components()
+        for component, _, layer in self._tuner_layers():
+            if holding is None or holding in (getattr(components[component], "peft_config", None) or {}):
+                layer.set_adapter(list(adapter_names))
 
     def _sync_fused_names(self) -> None:
         set_fused_adapter_names(self, {n for _, _, layer in self._tuner_layers() for n in layer.merged_adapters})
@@ -273,7 +284,7 @@ class DiffusersAdapterMethods:
             pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs
         )
         if not hotswap:
-            self._activate(active + [adapter_name])
+            self._activate(active + [adapter_name], holding=adapter_name)
 
     def enable_sequential_cpu_offload(self, gpu_id: Optional[int] = None, device=None) -> None:
         """diffusers' `enable_sequential_cpu_offload`, with spectral layers hooked by `offload_spectral_layers`: their

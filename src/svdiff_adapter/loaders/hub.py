@@ -173,6 +173,7 @@ def read_shift_files(paths: list[Path]) -> SpectralShiftFile:
         result.deltas.update(other.deltas)
         result.configs.update(other.configs)
         result.fingerprints.update(other.fingerprints)
+        result.factor_fingerprints.update(other.factor_fingerprints)
     return result
 
 

@@ -18,21 +18,35 @@ from torch import nn
 
 from ..format import (
     DELTA_SUFFIX,
+    TRUNCATION_CONFIG_KEYS,
+    SpectralFactorMismatchError,
     SpectralShiftFile,
     SpectralShiftFormatError,
     base_fingerprint,
+    check_factor_fingerprints,
     check_finite,
     check_fingerprints,
+    factor_fingerprint,
     hub_id_or_none,
     load_shift_file,
     save_shift_file,
 )
 from ..spectral import weight_matrix
-from ..svd import compute_factors, factor_dtype_of
+from ..svd import SpectralFactors, TruncatedSVD, compute_factors, factor_dtype_of, truncation_for
 from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_layers, spectral_layers, svd_options
 from ..tuner.layer import find_spectral_layer
-from ..tuner.targets import fit_shifts
+from ..tuner.model import check_same_truncation
+from ..tuner.targets import (
+    ShiftDoesNotFitError,
+    ShiftTarget,
+    fit_shifts,
+    module_kind,
+    raw_module,
+    resolve_targets,
+    uses_factors,
+)
 from .diffusers_compat import mark_peft_loaded
+from .fused_layouts import check_layout, guard_layout_changes
 
 
 logger = logging.getLogger(__name__)
@@ -40,6 +54,10 @@ logger = logging.getLogger(__name__)
 ModelOrComponents = Union[nn.Module, Mapping[str, nn.Module]]
 # Options saved with a file; everything else in the config is rebuilt from the tensors.
 SAVED_CONFIG_KEYS = ("target_kinds", "norm_mode")
+# Saved too when the spectrum is truncated: they rebuild the same top-k factors at load.
+TRUNCATION_KEYS = ("spectral_rank", *TRUNCATION_CONFIG_KEYS)
+# Where the truncated factors were computed (a record, not an option): the device types a load retries on.
+FACTOR_DEVICES_KEY = "spectral_factor_devices"
 # Hops that wrappers add to a layer's name: other tuners (".base_layer") and torch.compile ("_orig_mod.").
 _WRAPPER_HOPS = re.compile(r"\.base_layer(?=\.|$)|(?:^|(?<=\.))_orig_mod\.")
 # Adapter names become keys of a ParameterDict and parts of parameter names.
@@ -87,9 +105,17 @@ def add_spectral_shift(
     check_adapter_name(adapter_name)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter name {adapter_name!r} is already in use; choose another name.")
-    with svd_options(cache=svd_cache, progress=progress):
-        inject_adapter_in_model(config or SpectralShiftConfig(), model, adapter_name)
+    config = config or SpectralShiftConfig()
+    check_layout(model, resolve_targets(model, config))
+    try:
+        with svd_options(cache=svd_cache, progress=progress):
+            inject_adapter_in_model(config, model, adapter_name)
+    except BaseException:
+        remove_spectral_layers(model, [adapter_name])  # PEFT registers the config before injection can fail
+        mark_peft_loaded(model)
+        raise
     mark_peft_loaded(model)
+    guard_layout_changes(model)
     return model
 
 
@@ -109,6 +135,11 @@ def layer_fingerprint(layer: SpectralShiftLayer) -> list[float]:
     return base_fingerprint(layer.spectral_S, layer.base_layer.weight)
 
 
+def layer_factor_fingerprint(layer: SpectralShiftLayer) -> list[float]:
+    """The factor fingerprint a file records for a layer holding a truncated spectrum."""
+    return factor_fingerprint(layer.spectral_U, layer.spectral_Vh)
+
+
 def to_shift_file(
     models: ModelOrComponents, adapter_name: str = "default", base_model: Optional[str] = None,
     base_revision: Optional[str] = None,
@@ -121,11 +152,18 @@ def to_shift_file(
             continue
         deltas = get_spectral_shift_state_dict(model, adapter_name)
         config = model.peft_config[adapter_name]
+        layers = {name: find_spectral_layer(model.get_submodule(name)) for name in deltas}
+        truncated = {name: layer for name, layer in layers.items() if layer.spectral_truncation is not None}
         result.deltas[component] = deltas
         result.configs[component] = {key: getattr(config, key) for key in SAVED_CONFIG_KEYS}
-        result.fingerprints[component] = {
-            name: layer_fingerprint(find_spectral_layer(model.get_submodule(name))) for name in deltas
-        }
+        if config.spectral_rank is not None:
+            result.configs[component].update({key: getattr(config, key) for key in TRUNCATION_KEYS})
+            result.configs[component][FACTOR_DEVICES_KEY] = sorted(
+                {layer.spectral_factors_computed_on for layer in truncated.values()} - {None})
+        result.fingerprints[component] = {name: layer_fingerprint(layer) for name, layer in layers.items()}
+        if truncated:
+            result.factor_fingerprints[component] = {
+                name: layer_factor_fingerprint(layer) for name, layer in truncated.items()}
     if not result.deltas:
         raise ValueError(f"No component holds a spectral adapter named {adapter_name!r}.")
     return result
@@ -155,6 +193,7 @@ def load_spectral_shift_into_model(
     svd_cache=None,
     progress: Optional[bool] = None,
     factor_dtype: Union[torch.dtype, str, None] = None,
+    factor_fingerprints: Optional[Mapping[str, list[float]]] = None,
 ) -> None:
     """Load shifts (module path → δ) as adapter `adapter_name`. On any error the model is left as it was.
 
@@ -162,9 +201,16 @@ def load_spectral_shift_into_model(
     has the right length and is finite, and the base weights match the fingerprints (wrong base model; with
     `require_fingerprints`, every module must have one). `factor_dtype` (`torch.float16` by default, or
     `torch.float32`) is the storage dtype of new SVD factors.
+
+    A file's config (a mapping) with `spectral_rank` rebuilds the top-k factors with the file's rank and
+    randomized-SVD parameters, never the caller's defaults; their `factor_fingerprints` must then match
+    (`SpectralFactorMismatchError` otherwise, after retrying the mismatching modules on the file's device types that
+    this machine has and on the CPU; with `require_fingerprints`, every truncated module must have one).
     """
+    recorded_devices: list[str] = []
     if not isinstance(config, SpectralShiftConfig):
-        options = {k: v for k, v in dict(config or {}).items() if k in SAVED_CONFIG_KEYS}
+        recorded_devices = list(dict(config or {}).get(FACTOR_DEVICES_KEY) or [])
+        options = {k: v for k, v in dict(config or {}).items() if k in SAVED_CONFIG_KEYS + TRUNCATION_KEYS}
         if factor_dtype is not None:
             options["factor_dtype"] = factor_dtype
         config = SpectralShiftConfig(**options)
@@ -174,7 +220,8 @@ def load_spectral_shift_into_model(
     if not deltas:
         raise SpectralShiftFormatError("No spectral shifts to load for this model.")
     check_finite({"": dict(deltas)})
-    targets = fit_shifts(model, deltas, config.norm_mode)
+    check_layout(model, deltas)  # before the fit check, whose "no such module" would not name the fix
+    targets = _fit_shifts(model, deltas, config)
     unchecked = [name for name in deltas if name not in (fingerprints or {})]
     if require_fingerprints and unchecked:
         raise SpectralShiftFormatError(
@@ -184,12 +231,28 @@ def load_spectral_shift_into_model(
         )
 
     existing = {name: layer for name in targets if (layer := find_spectral_layer(model.get_submodule(name)))}
+    truncation = config.truncated_svd
+    for name, layer in existing.items():
+        if targets[name].decomposed:
+            check_same_truncation(name, layer, truncation)
+    truncated = [name for name, target in targets.items()
+                 if target.decomposed and truncation_for(weight_matrix(target.weight).shape, truncation)]
+    unchecked = [name for name in truncated if name not in (factor_fingerprints or {})]
+    if require_fingerprints and unchecked:
+        raise SpectralShiftFormatError(
+            f"The file truncates the spectrum (spectral_rank={config.spectral_rank}) but records no factor "
+            f"fingerprint for {len(unchecked)} module(s), e.g. {unchecked[:3]}, so nothing could detect factors "
+            "rebuilt differently from the ones it was trained with. Re-save it with svdiff-adapter."
+        )
     needs_svd = {
         name: weight_matrix(target.weight) for name, target in targets.items()
         if name not in existing and target.decomposed
     }
     factors = compute_factors(needs_svd, cache=svd_cache, progress=progress, desc=f"SVD for {adapter_name!r}",
-                              factor_dtype=factor_dtype_of(config.factor_dtype))
+                              factor_dtype=factor_dtype_of(config.factor_dtype), truncation=truncation)
+    if factor_fingerprints and truncated:
+        _match_file_factors(targets, existing, factors, dict(factor_fingerprints), truncation, recorded_devices,
+                            svd_cache, factor_dtype_of(config.factor_dtype))
     if fingerprints:
         actual = {}
         for name, target in targets.items():
@@ -213,6 +276,99 @@ def load_spectral_shift_into_model(
         mark_peft_loaded(model)
         raise
     mark_peft_loaded(model)
+    guard_layout_changes(model)
+
+
+def _fit_shifts(model: nn.Module, deltas: Mapping[str, torch.Tensor],
+                config: SpectralShiftConfig) -> dict[str, ShiftTarget]:
+    """`targets.fit_shifts`, which knows full-spectrum lengths only, also for a truncated spectrum: a δ with the k'
+    values of a truncated matrix is checked here and stands in for the full length there."""
+    truncation = config.truncated_svd
+    if truncation is None:
+        return fit_shifts(model, deltas, config.norm_mode)
+    stand_ins, problems = dict(deltas), []
+    for name, delta in deltas.items():
+        try:
+            raw = raw_module(model.get_submodule(name))
+        except AttributeError:
+            continue  # fit_shifts names it
+        kind = module_kind(raw)
+        if kind is None or not uses_factors(kind, config.norm_mode):
+            continue
+        shape = weight_matrix(raw.weight).shape
+        if truncation_for(shape, truncation) is None:
+            continue  # k ≥ min(m, n): the full length
+        kept = truncation.kept(*shape)
+        if delta.ndim == 1 and delta.numel() == kept:
+            stand_ins[name] = delta.new_zeros(min(shape))
+        else:
+            problems.append(f"{name}: shift has shape {tuple(delta.shape)}, the module needs ({kept},) with "
+                            f"spectral_rank={truncation.rank}")
+    if problems:
+        raise ShiftDoesNotFitError(
+            f"The spectral shift does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems[:6])
+            + (" ..." if len(problems) > 6 else ""))
+    return fit_shifts(model, stand_ins, config.norm_mode)
+
+
+def _device_available(device_type: str) -> bool:
+    try:
+        torch.empty(0, device=device_type)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+def _match_file_factors(targets: Mapping[str, ShiftTarget], existing: Mapping[str, SpectralShiftLayer],
+                        factors: dict[str, SpectralFactors], expected: dict[str, list[float]],
+                        truncation: TruncatedSVD, recorded_devices: list[str], svd_cache, factor_dtype) -> None:
+    """Make the truncated factors those of the file, or raise `SpectralFactorMismatchError`.
+
+    A mismatch means the top-k singular vectors came out rotated (near-equal singular values decomposed with other
+    round-off: another device type, library or version). The mismatching modules are decomposed again on each device
+    type the file recorded that this machine has, then on the CPU, the reference; matching factors replace the ones
+    in `factors` (moved to the weight's device). Factors already held by a layer (shared with loaded adapters) are
+    not recomputed.
+    """
+    def fingerprint_of(name: str) -> list[float]:
+        held = existing.get(name)
+        return layer_factor_fingerprint(held) if held is not None else factor_fingerprint(factors[name].U,
+                                                                                          factors[name].Vh)
+
+    names = [name for name in expected if name in targets and (
+        (name in existing and existing[name].spectral_truncation is not None)
+        or (name in factors and factors[name].truncation is not None))]
+    mismatched = check_factor_fingerprints(expected, {name: fingerprint_of(name) for name in names})
+    tried = {name: {existing[name].spectral_factors_computed_on if name in existing else factors[name].computed_on}
+             for name in mismatched}
+    for device_type in dict.fromkeys([*recorded_devices, "cpu"]):
+        retry = [name for name in mismatched if name not in existing and device_type not in tried[name]]
+        if not retry or not _device_available(device_type):
+            continue
+        again = compute_factors({name: weight_matrix(targets[name].weight).to(device_type) for name in retry},
+                                cache=svd_cache, progress=False, factor_dtype=factor_dtype, truncation=truncation)
+        still = set(check_factor_fingerprints(
+            expected, {name: factor_fingerprint(again[name].U, again[name].Vh) for name in retry}))
+        for name in retry:
+            tried[name].add(device_type)
+            if name not in still:
+                factors[name] = again[name].to(targets[name].weight.device)
+                logger.info("Top-%d factors of %s rebuilt on %s to match the file.", truncation.rank, name,
+                            device_type)
+        mismatched = [name for name in mismatched if name not in retry or name in still]
+    if mismatched:
+        shared = [name for name in mismatched if name in existing]
+        made_on = sorted({d for name in mismatched for d in tried[name] if d})
+        raise SpectralFactorMismatchError(
+            f"The top-{truncation.rank} singular vectors of {len(mismatched)} module(s), e.g. {mismatched[:5]}, come "
+            f"out differently here (computed on {made_on}) from the ones the shift was trained with (computed on "
+            f"{recorded_devices or 'an unrecorded device'}): their singular values are near-equal, so the round-off "
+            "of another device type or library version rotates the vectors, and the shift would act on other "
+            "directions of the weights. Load it on a machine with that device type and the same torch version, or "
+            "retrain the shift here."
+            + (f" Modules {shared[:5]} hold factors shared with adapters loaded before: unload those first."
+               if shared else "")
+        )
 
 
 def load_spectral_shift_adapter(
@@ -237,6 +393,11 @@ def load_spectral_shift_adapter(
     A v1 file must carry a fingerprint for every module it shifts; one without (edited by hand, or written by
     another tool) is refused, because nothing could tell a wrong base model. Shifts given as a state dict
     (`parse_in_memory`) carry none and load unchecked.
+
+    A file trained with a truncated spectrum (`spectral_rank` in its config) is loaded with its own rank and
+    randomized-SVD parameters, and must carry a factor fingerprint for every truncated module: factors rebuilt here
+    that differ from the recorded ones (beyond round-off) are retried on the CPU and the recorded device types, then
+    refused with `SpectralFactorMismatchError` (a `WrongBaseModelError`) naming the modules.
     """
     shift_file = source if isinstance(source, SpectralShiftFile) else load_shift_file(source)
     wanted = list(shift_file.components) if components is None else list(components)
@@ -262,6 +423,7 @@ def load_spectral_shift_adapter(
                 given[component], shift_file.deltas[component], shift_file.configs.get(component), adapter_name,
                 fingerprints=shift_file.fingerprints.get(component), require_fingerprints=shift_file.source == "v1",
                 svd_cache=svd_cache, progress=progress, factor_dtype=factor_dtype,
+                factor_fingerprints=shift_file.factor_fingerprints.get(component),
             )
             loaded.append(component)
     except BaseException:

@@ -22,9 +22,12 @@ def spectral_shift_model_card(
     num_parameters: Optional[int] = None,
     pipeline_class: str = "StableDiffusionPipeline",
     weight_name: str = DEFAULT_WEIGHT_NAME,
+    drop_in_classes: Sequence[str] = (),
 ) -> str:
     """The text of README.md: YAML front matter (`base_model`, `library_name`, tags, `instance_prompt`, a widget
-    gallery of `image_paths`, relative to the repo root) and a usage snippet with `load_spectral_shift`.
+    gallery of `image_paths`, relative to the repo root) and a usage snippet with `load_spectral_shift`, importing
+    `pipeline_class` from svdiff_adapter when it is one of `drop_in_classes`, else from diffusers after
+    `patch_diffusers()`.
 
     `inference: true` is deliberately absent: the Hub's widget cannot apply a spectral shift.
     """
@@ -47,6 +50,11 @@ def spectral_shift_model_card(
     if weight_name != DEFAULT_WEIGHT_NAME:
         load_args += f', weight_name="{weight_name}"'
     size = f" ({num_parameters:,} shift values)" if num_parameters else ""
+    result = "frame" if any(word in pipeline_class for word in ("Video", "Wan", "Mochi", "LTX")) else "image"
+    if pipeline_class in drop_in_classes:
+        imports = f"from svdiff_adapter import {pipeline_class}"
+    else:  # diffusers' own class, given the methods by `patch_diffusers()`
+        imports = f"import svdiff_adapter\nfrom diffusers import {pipeline_class}\n\nsvdiff_adapter.patch_diffusers()"
     body = f"""
 # {repo_id.split("/")[-1]}: SVDiff spectral shift
 
@@ -62,12 +70,11 @@ pip install svdiff-adapter
 
 ```python
 import torch
-import svdiff_adapter
-from svdiff_adapter import {pipeline_class}
+{imports}
 
-pipe = {pipeline_class}.from_pretrained("{base}", dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
 pipe.load_spectral_shift({load_args})
-image = pipe("{prompt}", num_inference_steps=25).images[0]
+{result} = pipe("{prompt}", num_inference_steps=25).{result}s[0]
 ```
 
 Combine with other shifts or LoRAs through `pipe.set_adapters([...], weights=[...])`; spectral shifts combine

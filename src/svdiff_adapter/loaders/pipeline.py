@@ -43,7 +43,8 @@ from .model_card import spectral_shift_model_card
 class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
     """Pipeline methods for SVDiff spectral shifts, next to diffusers' LoRA methods.
 
-    Components: `unet`, `text_encoder`, `text_encoder_2` (those the pipeline has). Put the mixin FIRST among the bases
+    Components: those diffusers' LoRA loader of the pipeline manages (`unet` or `transformer` / `transformer_2`,
+    and the text encoders diffusers trains LoRAs on), or `spectral_shift_components`. Put the mixin FIRST among the bases
     (`class P(SpectralShiftLoaderMixin, StableDiffusionPipeline)`): it overrides the diffusers methods that assume
     LoRA layers (see `loaders.diffusers_methods`). Methods never call `super()`, so `patch_diffusers()` can copy them
     into diffusers' classes.
@@ -82,14 +83,15 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         return {c: available[c] for c in components}
 
     # ------------------------------------------------------------------------------------------- loading
-    @staticmethod
-    def read_spectral_shift(pretrained_model_name_or_path_or_dict, **hub_kwargs) -> SpectralShiftFile:
+    @classmethod
+    def read_spectral_shift(cls, pretrained_model_name_or_path_or_dict, **hub_kwargs) -> SpectralShiftFile:
         """Read spectral shifts without loading them (the counterpart of diffusers' `lora_state_dict`).
 
         Args:
             pretrained_model_name_or_path_or_dict (`str`, `os.PathLike`, `dict` or `SpectralShiftFile`):
-                A Hub repo id, a local folder, a file, a state dict (`{"unet.<module>.spectral_delta": δ}` or
-                svdiff-pytorch's `{"<module>.delta": δ}`) or a `SpectralShiftFile`.
+                A Hub repo id, a local folder, a file, a state dict (`{"<component>.<module>.spectral_delta": δ}`
+                with a component of this pipeline, e.g. `unet` or `transformer`, or svdiff-pytorch's
+                `{"<module>.delta": δ}`) or a `SpectralShiftFile`.
             hub_kwargs: `weight_name` (the file in a folder or repo; default `spectral_shift_weights.safetensors`,
                 else svdiff-pytorch's `spectral_shifts.safetensors` + `spectral_shifts_te.safetensors`), and
                 `subfolder`, `revision`, `cache_dir`, `force_download`, `local_files_only`, `token` as in
@@ -103,7 +105,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         if isinstance(source, SpectralShiftFile):
             return source
         if isinstance(source, dict):
-            return parse_in_memory(source)
+            return parse_in_memory(source, components=tuple(cls._spectral_component_names()))
         return read_shift_files(resolve_shift_files(source, **hub_kwargs))
 
     spectral_shift_state_dict = read_spectral_shift  # the earlier name
@@ -120,7 +122,8 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         factor_dtype: Union[torch.dtype, str, None] = None,
         **hub_kwargs,
     ) -> str:
-        """Load spectral shifts into the UNet and text encoder(s) as one adapter; returns its name.
+        """Load spectral shifts into the denoiser (UNet or transformer(s)) and text encoder(s) as one adapter;
+        returns its name.
 
         Args:
             pretrained_model_name_or_path_or_dict: see `read_spectral_shift` (repo id, folder, file, dict).
@@ -163,7 +166,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         with offloading_suspended(self):
             load_spectral_shift_adapter(self._spectral_components(), shift_file, adapter_name, svd_cache=svd_cache,
                                         progress=progress, factor_dtype=factor_dtype)
-        self._activate(active + [adapter_name])
+        self._activate(active + [adapter_name], holding=adapter_name)
         self._sync_fused_names()
         return adapter_name
 
@@ -208,7 +211,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         the images (`PIL.Image`s or file paths) under `images/`. `base_model` defaults to the pipeline's
         `name_or_path` when that is a Hub id.
         """
-        from .pipelines import drop_in_name
+        from .pipelines import PIPELINE_CLASS_NAMES, diffusers_pipeline_name
 
         name = self._single_spectral_name(adapter_name)
         base_model = hub_id_or_none(base_model) or self._base_model_id()
@@ -228,7 +231,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
             card = spectral_shift_model_card(
                 repo_id, base_model=base_model, instance_prompt=instance_prompt, image_paths=image_paths,
                 adapter_name=name, components=shift_file.components, num_parameters=shift_file.num_parameters,
-                pipeline_class=drop_in_name(type(self)),
+                pipeline_class=diffusers_pipeline_name(type(self)), drop_in_classes=PIPELINE_CLASS_NAMES,
             )
             (Path(folder) / "README.md").write_text(card, encoding="utf-8")
             return upload_shift_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)

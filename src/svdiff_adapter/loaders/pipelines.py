@@ -3,51 +3,65 @@
 from __future__ import annotations
 
 import diffusers
+from diffusers.loaders.lora_base import LoraBaseMixin
 
 from .pipeline import SpectralShiftLoaderMixin
 
 
-class StableDiffusionPipeline(SpectralShiftLoaderMixin, diffusers.StableDiffusionPipeline):
-    """diffusers' `StableDiffusionPipeline` with `SpectralShiftLoaderMixin`."""
+def _drop_in(base: type) -> type:
+    """`class <Name>(SpectralShiftLoaderMixin, diffusers.<Name>)`, documented and importable from this module."""
+    return type(base.__name__, (SpectralShiftLoaderMixin, base), {
+        "__doc__": f"diffusers' `{base.__name__}` with `SpectralShiftLoaderMixin`.", "__module__": __name__,
+    })
 
 
-class StableDiffusionImg2ImgPipeline(SpectralShiftLoaderMixin, diffusers.StableDiffusionImg2ImgPipeline):
-    """diffusers' `StableDiffusionImg2ImgPipeline` with `SpectralShiftLoaderMixin`."""
-
-
-class StableDiffusionInpaintPipeline(SpectralShiftLoaderMixin, diffusers.StableDiffusionInpaintPipeline):
-    """diffusers' `StableDiffusionInpaintPipeline` with `SpectralShiftLoaderMixin`."""
-
-
-class StableDiffusionXLPipeline(SpectralShiftLoaderMixin, diffusers.StableDiffusionXLPipeline):
-    """diffusers' `StableDiffusionXLPipeline` with `SpectralShiftLoaderMixin`."""
-
-
-class StableDiffusionXLImg2ImgPipeline(SpectralShiftLoaderMixin, diffusers.StableDiffusionXLImg2ImgPipeline):
-    """diffusers' `StableDiffusionXLImg2ImgPipeline` with `SpectralShiftLoaderMixin`."""
-
-
-class StableDiffusionXLInpaintPipeline(SpectralShiftLoaderMixin, diffusers.StableDiffusionXLInpaintPipeline):
-    """diffusers' `StableDiffusionXLInpaintPipeline` with `SpectralShiftLoaderMixin`."""
-
-
-DROP_IN_CLASSES = (
-    StableDiffusionPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
+# UNet pipelines (text-to-image, img2img, inpaint) and the text-to-image pipeline of each transformer family the
+# tests cover; `patch_diffusers()` gives every other diffusers pipeline with a LoRA loader the same methods.
+PIPELINE_CLASS_NAMES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "Flux2Pipeline",
+    "QwenImagePipeline",
+    "WanPipeline",
+    "SanaPipeline",
 )
-PIPELINE_CLASS_NAMES = tuple(cls.__name__ for cls in DROP_IN_CLASSES)
+DROP_IN_CLASSES = tuple(_drop_in(getattr(diffusers, name)) for name in PIPELINE_CLASS_NAMES)
+globals().update({cls.__name__: cls for cls in DROP_IN_CLASSES})  # `from .pipelines import FluxPipeline`
 
 
-def drop_in_name(cls: type) -> str:
-    """The name of the drop-in class a pipeline class corresponds to (for usage snippets)."""
+def diffusers_pipeline_name(cls: type) -> str:
+    """The name of the diffusers pipeline class a (drop-in, patched or user) pipeline class derives from."""
     for klass in cls.__mro__:
-        if klass.__name__ in PIPELINE_CLASS_NAMES:
+        if klass.__module__.startswith("diffusers.pipelines.") and issubclass(klass, diffusers.DiffusionPipeline):
             return klass.__name__
-    return "StableDiffusionPipeline"
+    return "DiffusionPipeline"
+
+
+def lora_pipeline_classes() -> list[type]:
+    """Every diffusers pipeline class with a LoRA loader: the public ones (importing each, ~2 s) and any subclass
+    already defined (user classes included)."""
+    classes = []
+    for name in dir(diffusers):
+        if name.endswith("Pipeline"):
+            try:
+                value = getattr(diffusers, name)
+            except (ImportError, AttributeError):  # optional dependencies diffusers reports as missing
+                continue
+            if isinstance(value, type) and issubclass(value, LoraBaseMixin):
+                classes.append(value)
+    pending = [LoraBaseMixin]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            pending.append(sub)
+            if issubclass(sub, diffusers.DiffusionPipeline):
+                classes.append(sub)
+    return list(dict.fromkeys(classes))
 
 
 def _mixin_attributes() -> dict[str, object]:
@@ -63,23 +77,15 @@ def _mixin_attributes() -> dict[str, object]:
 def patch_diffusers(*extra_classes: type) -> list[type]:
     """Give diffusers' own pipeline classes the mixin's methods (idempotent); returns the classes patched now.
 
-    Patches the Stable Diffusion / SDXL text-to-image, img2img and inpaint pipelines, every already imported subclass
-    of diffusers' SD/SDXL LoRA loader mixins, and `extra_classes`. The methods are set on the classes, so pipelines
-    built before the call get them too. `isinstance(pipe, SpectralShiftLoaderMixin)` stays False for patched
-    diffusers classes; test `hasattr(pipe, "load_spectral_shift")`.
+    Patches every diffusers pipeline class with a LoRA loader mixin (Stable Diffusion, SDXL, SD3, Flux, Flux.2,
+    Qwen-Image, Wan, Sana, ... — each one's components are its `_lora_loadable_modules`), every already defined
+    subclass of them, and `extra_classes`. The methods are set on the classes, so pipelines built before the call get
+    them too. `isinstance(pipe, SpectralShiftLoaderMixin)` stays False for patched diffusers classes; test
+    `hasattr(pipe, "load_spectral_shift")`.
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
-    classes = [getattr(diffusers, name) for name in PIPELINE_CLASS_NAMES] + list(extra_classes)
-    pending = [StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin]
-    while pending:
-        for sub in pending.pop().__subclasses__():
-            pending.append(sub)
-            if issubclass(sub, diffusers.DiffusionPipeline):
-                classes.append(sub)
     attributes = _mixin_attributes()
     patched = []
-    for cls in dict.fromkeys(classes):
+    for cls in dict.fromkeys(lora_pipeline_classes() + list(extra_classes)):
         if issubclass(cls, SpectralShiftLoaderMixin) or cls.__dict__.get("_svdiff_patched"):
             continue
         for name, value in attributes.items():

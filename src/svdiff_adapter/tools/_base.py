@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,13 @@ import torch
 from torch import nn
 
 from .. import spectral
-from ..format import COMPONENTS, SpectralShiftFile, base_fingerprint, check_fingerprints, qualified_name
+from ..format import SpectralShiftFile, base_fingerprint, check_fingerprints, qualified_name
 from ..loaders.hub import read_shift_files, resolve_shift_files
 from ..svd import SpectralFactors, compute_factors
 from ..tuner.targets import ShiftDoesNotFitError, fit_shifts
+from .base_folder import (
+    MODEL_INDEX, BaseFolderError, BaseModels, load_model_folder, load_pipeline_folder, read_model_index,
+)
 
 
 ShiftSource = Union[str, os.PathLike, SpectralShiftFile]
@@ -35,49 +37,53 @@ def read_shift(source: ShiftSource, **hub_kwargs) -> SpectralShiftFile:
 
 
 # ------------------------------------------------------------------------------------------------- base models
-def _load_model_folder(folder: Path) -> nn.Module:
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    if "_class_name" in config:
-        import diffusers
-
-        cls = getattr(diffusers, config["_class_name"], None)
-    else:
-        import transformers
-
-        cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
-    if cls is None:
-        raise ToolError(f"Cannot tell which model class {config_path} describes.")
-    return cls.from_pretrained(folder).eval()
-
-
-def load_base(base: BaseSource, components: Optional[list[str]] = None) -> dict[str, nn.Module]:
-    """The base model as `{component: model}`.
+def load_base(base: BaseSource, components: Optional[list[str]] = None) -> BaseModels:
+    """The base model as `{component: model}` (a `BaseModels` dict; `pipeline_class` is the diffusers pipeline a
+    folder's `model_index.json` names).
 
     Args:
-        base: a model, a `{component: model}` dict, a local pipeline folder (subfolders `unet/`, `text_encoder/`,
-            `text_encoder_2/`) or a local single-model folder (`config.json` + weights).
-        components: the components needed (the shift file's). Only those subfolders are loaded. A single model is
-            given the name of the file's only component.
+        base: a model, a `{component: model}` dict, a local pipeline folder (its `model_index.json` says which
+            components exist and their classes: `unet`, `transformer`, `transformer_2`, `text_encoder`, ...; a folder
+            of model subfolders without one works too) or a local single-model folder (`config.json` + weights).
+            Only diffusers and transformers model classes are loaded (`base_folder`).
+        components: the components needed (the shift file's). Only those subfolders are loaded; without it, the
+            denoisers and text encoders present (`base_folder.PIPELINE_COMPONENTS`). A single model is given the
+            name of the file's only component.
     """
+    if isinstance(base, BaseModels):
+        return base
     if isinstance(base, Mapping):
-        return dict(base)
+        return BaseModels(base)
     if isinstance(base, nn.Module):
-        return {_single_component(components): base}
+        return BaseModels({_single_component(components): base})
     folder = Path(os.path.expanduser(os.fspath(base)))
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"Base model {os.fspath(base)!r} is not a local folder. Give a pipeline folder (with unet/, "
-            "text_encoder/ ...) or a model folder; download Hub models first (`hf download REPO --local-dir DIR`)."
+            f"Base model {os.fspath(base)!r} is not a local folder. Give a pipeline folder (with model_index.json, "
+            "or unet/, transformer/, text_encoder/ ...) or a model folder; download Hub models first "
+            "(`hf download REPO --local-dir DIR`)."
         )
-    if (folder / "config.json").is_file():
-        return {_single_component(components): _load_model_folder(folder)}
-    wanted = [c for c in (components or COMPONENTS) if c]
-    models = {c: _load_model_folder(folder / c) for c in wanted if (folder / c / "config.json").is_file()}
-    missing = [c for c in (components or []) if c not in models]
-    if missing or not models:
-        raise ToolError(f"Base model folder {folder} has no model for component(s) {missing or wanted}.")
-    return models
+    try:
+        if (folder / "config.json").is_file() and not (folder / MODEL_INDEX).is_file():
+            return BaseModels({_single_component(components): load_model_folder(folder)})
+        return load_pipeline_folder(folder, [c for c in components or [] if c] or None)
+    except BaseFolderError as error:
+        raise ToolError(str(error)) from error
+
+
+def base_pipeline_class(base: BaseSource) -> Optional[type]:
+    """The diffusers pipeline class of a base, without loading it: a `BaseModels`' own, the one a local folder's
+    `model_index.json` names, or None."""
+    if isinstance(base, BaseModels):
+        return base.pipeline_class
+    if isinstance(base, (str, os.PathLike)):
+        folder = Path(os.path.expanduser(os.fspath(base)))
+        if (folder / MODEL_INDEX).is_file():
+            try:
+                return read_model_index(folder)[0]
+            except (BaseFolderError, ValueError) as error:
+                raise ToolError(f"Cannot read {folder / MODEL_INDEX}: {error}") from error
+    return None
 
 
 def _single_component(components: Optional[list[str]]) -> str:
@@ -127,32 +133,48 @@ def base_modules(
     return result
 
 
+# Embedding modules by their last path segment: names with "embed" (CLIP's `token_embedding`, `embed_tokens`) and
+# these, T5's and GPT-2's. DiT input projections called `*_embedder` (Flux's `x_embedder`, `context_embedder`) are
+# linear layers.
+_EMBEDDING_NAMES = ("shared", "relative_attention_bias", "wte", "wpe")
+# Patch embeddings whose `proj` is a convolution (SD3's and Sana's `pos_embed.proj` / `patch_embed.proj`).
+_PATCH_EMBEDDINGS = ("pos_embed", "patch_embed")
+
+
 def guess_kind(name: str, delta: torch.Tensor, norm_mode: str = "elementwise") -> str:
-    """A module's kind guessed from its path alone (when no base model is given), by UNet/CLIP naming conventions.
+    """A module's kind guessed from its path alone (when no base model is given), by UNet, DiT, CLIP and T5 naming
+    conventions.
 
     Norms and embeddings are recognised; 1×1-conv projections not named "conv" (SD1's `proj_in`/`proj_out`) count as
     linear. Give the base model for exact kinds.
     """
-    last = name.split(".")[-1]
+    parts = name.split(".")
+    last = parts[-1]
     if "norm" in last or (norm_mode == "scalar" and delta.numel() == 1):
         return "norm"
-    if "embed" in last or last.endswith("_embedding"):
+    if last.endswith("_embedder"):
+        return "linear"
+    if last in _EMBEDDING_NAMES or "embed" in last:
         return "embedding"
-    if "conv" in last:
+    if "conv" in last or (last == "proj" and len(parts) > 1 and parts[-2] in _PATCH_EMBEDDINGS):
         return "conv2d"
     return "linear"
 
 
 def block_of(name: str) -> str:
-    """The block a module belongs to: `down_blocks.0`, `mid_block`, `up_blocks.1`, `encoder.layers.3`, `conv_in`..."""
+    """The block a module belongs to, for per-block reports: the path up to its first layer index.
+
+    UNets: `down_blocks.0`, `mid_block`, `up_blocks.1`, `conv_in`; DiTs: `transformer_blocks.3`,
+    `single_transformer_blocks.7` (Flux), `blocks.0` (Wan), `x_embedder`, `time_text_embed`; text encoders:
+    `encoder.layers.3` (CLIP, with or without `text_model.`), `encoder.block.5` (T5), `embeddings`.
+    """
     parts = name.split(".")
+    if parts[0] == "text_model" and len(parts) > 1:  # CLIPTextModelWithProjection: the same blocks as CLIPTextModel
+        parts = parts[1:]
     if parts[0].endswith("_block"):  # mid_block.attentions.0 → mid_block
         return parts[0]
-    if len(parts) > 1 and parts[1].isdigit():
-        return ".".join(parts[:2])
-    if len(parts) > 2 and parts[2].isdigit():
-        return ".".join(parts[:3])
-    return parts[0]
+    index = next((i for i, part in enumerate(parts) if i > 0 and part.isdigit()), None)
+    return ".".join(parts[: index + 1]) if index is not None else parts[0]
 
 
 qualified = qualified_name

@@ -8,10 +8,13 @@ one alpha for all modules and folds rᵢ/alpha into lora_up). Conv kernels: down
 size/stride/padding (c_in → r), up a 1×1 conv (r → c_out), as in PEFT. Embeddings (vocab × dim) are exported in the
 diffusers-format file only; norm weights (1-D) have no LoRA form and are reported as dropped. Key names and metadata
 follow the readers (`lora_layout`); `lora_probe` measures how much of the shift's output change each file keeps.
+Transformer (DiT) pipelines get the diffusers-format file only (Wan 2.2's `transformer_2` in a second one,
+`transformer_2_path`); components their pipeline's LoRA loader does not read are left out before their SVD.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +31,8 @@ from ..format import hub_id_or_none
 from ..svd import one_thread_if_small
 from . import lora_layout, lora_probe
 from ._base import (
-    BaseSource, ShiftSource, ToolError, base_modules, check_base, check_not_exists, load_base, qualified, read_shift,
+    BaseSource, ShiftSource, ToolError, base_modules, base_pipeline_class, check_base, check_not_exists, load_base,
+    qualified, read_shift,
 )
 
 
@@ -61,19 +65,25 @@ class LoraExport:
     """The result of `export_lora`.
 
     Attributes:
-        state_dict: the diffusers-format file's tensors (key layout in `lora_layout`).
+        state_dict: the diffusers-format file's tensors (key layout in `lora_layout`); every component but
+            `transformer_2`.
         metadata: its safetensors metadata (`lora_adapter_metadata`: r, lora_alpha, rank_pattern, alpha_pattern,
             target_modules per component; `base_model` when it is a Hub id).
         kohya_state_dict: the kohya file's tensors, `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` /
-            `.alpha`.
+            `.alpha`; empty for bases other than Stable Diffusion 1/2 and SDXL (`lora_layout.model_family`).
         kohya_metadata: its metadata (`ss_network_module`, `ss_network_dim`, `ss_network_alpha`,
             `ss_base_model_version` as kohya's sd-scripts writes them).
         layers: module → {"rank", "max_rank", "relative_error"} for every exported layer.
-        dropped: module → reason, for shifted modules that have no LoRA form (norms) or no change.
+        dropped: module → reason, for shifted modules that have no LoRA form (norms), no change, or belong to a
+            component no diffusers LoRA loader reads (`lora_layout.unreadable_reason`).
         kohya_skipped: module → reason, for exported modules that only the diffusers-format file holds (embeddings).
         relative_error: ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F over all exported layers together.
         reproduced: component → {"diffusers": score, "kohya": score}: 1 − ‖out_lora − out_shift‖ /
             ‖out_shift − out_base‖ on a small probe input (`lora_probe`); empty without the probe.
+        paths: "diffusers", "diffusers transformer_2", "kohya" → the files written.
+        transformer_2_state_dict, transformer_2_metadata: the second diffusers-format file, for Wan 2.2's
+            `transformer_2` (keys `transformer.…`, `load_lora_weights(path, load_into_transformer_2=True)`), written
+            to `transformer_2_path(output)`; empty when the shift has no `transformer_2`.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -86,6 +96,8 @@ class LoraExport:
     relative_error: float = 0.0
     reproduced: dict[str, Optional[dict[str, Optional[float]]]] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
+    transformer_2_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    transformer_2_metadata: dict[str, str] = field(default_factory=dict)
 
     def report(self) -> dict:
         return {"relative_error": self.relative_error, "layers": self.layers, "dropped": self.dropped,
@@ -130,8 +142,10 @@ def export_lora(
         rank (`int`, *optional*): the rank of every layer (fewer where the layer has fewer non-zero changes).
         energy (`float`, *optional*): instead of `rank`, per layer the smallest rank keeping this fraction of
             ‖ΔW‖²_F (e.g. `0.99`). Exactly one of `rank` and `energy` is required.
-        output (*optional*): the diffusers-format file (`pipe.load_lora_weights(path)`, ComfyUI).
-        kohya_output (*optional*): the kohya file (ComfyUI, A1111, LyCORIS, `pipe.load_lora_weights`).
+        output (*optional*): the diffusers-format file (`pipe.load_lora_weights(path)`, ComfyUI). A shift of
+            `transformer_2` (Wan 2.2) is written beside it to `transformer_2_path(output)`.
+        kohya_output (*optional*): the kohya file (ComfyUI, A1111, LyCORIS, `pipe.load_lora_weights`); Stable
+            Diffusion 1/2 and SDXL only (`ToolError` for DiT pipelines, before any SVD).
         dtype (`torch.dtype`, *optional*, defaults to float32): storage dtype of the LoRA tensors.
         probe (`bool`, *optional*, defaults to True): measure on a small input how much of the shift's output
             change each file reproduces (`LoraExport.reproduced`; a few forward passes of each component).
@@ -150,12 +164,74 @@ def export_lora(
     for path in (output, kohya_output):
         check_not_exists(path, overwrite)
     shift_file = read_shift(source)
+    second_output = transformer_2_path(output) if lora_layout.SECOND_TRANSFORMER in shift_file.deltas else None
+    check_not_exists(second_output, overwrite)
+    pipeline_class = base_pipeline_class(base)
+    result = LoraExport(state_dict={}, metadata={}, kohya_state_dict={})
+    readable = {}
+    for component, deltas in shift_file.deltas.items():
+        reason = lora_layout.unreadable_reason(component, pipeline_class)
+        if reason is None:
+            readable[component] = deltas
+        else:  # left out before its SVD: no reader would apply it
+            result.dropped.update({qualified(component, name): reason for name in deltas})
+    if not readable:
+        raise ToolError(f"Nothing to export: no diffusers LoRA loader reads {shift_file.components} "
+                        f"({next(iter(result.dropped.values()))}).")
+    shift_file = dataclasses.replace(shift_file, deltas=readable)
     models = load_base(base, shift_file.components)
+    family = lora_layout.model_family(models, models.pipeline_class)
+    if kohya_output is not None and family is None:
+        raise ToolError(
+            "kohya files (--kohya) are written for Stable Diffusion 1/2 and SDXL only; for this base (components "
+            f"{list(models)}) kohya-style readers expect the original checkpoint's module names (for Flux, BFL's "
+            "`double_blocks.0.img_attn.qkv`, q, k and v fused), not the diffusers modules the shift is stored on. "
+            "Use the diffusers-format file (-o): diffusers' load_lora_weights and ComfyUI read it."
+        )
     infos = base_modules(models, shift_file, svd_cache=svd_cache)
     check_base(shift_file, infos)
-    family = lora_layout.model_family(models)
 
-    result = LoraExport(state_dict={}, metadata={}, kohya_state_dict={})
+    exported, total, dropped_total = _exported_modules(shift_file, infos, rank, energy, dtype, result)
+    kohya_modules = [m for m in exported if m.kind in KOHYA_KINDS] if family is not None else []
+    if kohya_output is not None and not kohya_modules:
+        raise ToolError(f"Nothing for the kohya file: it cannot hold {sorted(result.kohya_skipped)}.")
+    result.relative_error = math.sqrt(dropped_total / total) if total else 0.0
+    error_text = f"{result.relative_error:.6g}"
+
+    first = [m for m in exported if m.component != lora_layout.SECOND_TRANSFORMER]
+    second = [m for m in exported if m.component == lora_layout.SECOND_TRANSFORMER]
+    base_model = hub_id_or_none(shift_file.base_model)  # a local path would only leak where it was made
+    result.state_dict, result.metadata = _diffusers_file(first, models, family, error_text, base_model)
+    result.transformer_2_state_dict, result.transformer_2_metadata = _diffusers_file(
+        second, models, family, error_text, base_model)
+    if family is not None:
+        alpha = _common_rank(kohya_modules)
+        result.kohya_state_dict = _kohya_state_dict(kohya_modules, models, family, alpha)
+        result.kohya_metadata = _kohya_metadata(kohya_modules, alpha, family, error_text)
+
+    if probe:
+        result.reproduced = _probe(models, shift_file, infos, exported, result.kohya_state_dict, family)
+    if output is not None and result.state_dict:
+        result.paths["diffusers"] = _save(result.state_dict, output, result.metadata)
+    if second_output is not None and result.transformer_2_state_dict:
+        result.paths["diffusers transformer_2"] = _save(result.transformer_2_state_dict, second_output,
+                                                        result.transformer_2_metadata)
+    if kohya_output is not None:
+        result.paths["kohya"] = _save(result.kohya_state_dict, kohya_output, result.kohya_metadata)
+    return result
+
+
+def transformer_2_path(output: Union[str, os.PathLike, None]) -> Optional[Path]:
+    """Where the LoRA of Wan 2.2's second expert goes, beside `output`: `lora.safetensors` →
+    `lora_transformer_2.safetensors` (for `pipe.load_lora_weights(path, load_into_transformer_2=True)`)."""
+    if output is None:
+        return None
+    output = Path(output)
+    return output.with_name(f"{output.stem}_{lora_layout.SECOND_TRANSFORMER}{output.suffix}")
+
+
+def _exported_modules(shift_file, infos, rank, energy, dtype, result: LoraExport):
+    """(modules with their rank-r factors, Σ c², Σ dropped c²); fills `result.layers`, `dropped`, `kohya_skipped`."""
     exported, total, dropped_total = [], 0.0, 0.0
     for component, deltas in shift_file.deltas.items():
         for name, delta in deltas.items():
@@ -183,28 +259,18 @@ def export_lora(
                                                    "diffusers-format file")
     if not exported:
         raise ToolError(f"Nothing to export: every shifted module was dropped ({result.dropped}).")
-    kohya_modules = [m for m in exported if m.kind in KOHYA_KINDS]
-    if kohya_output is not None and not kohya_modules:
-        raise ToolError(f"Nothing for the kohya file: it cannot hold {sorted(result.kohya_skipped)}.")
-    result.relative_error = math.sqrt(dropped_total / total) if total else 0.0
-    error_text = f"{result.relative_error:.6g}"
+    return exported, total, dropped_total
 
-    result.state_dict = _diffusers_state_dict(exported, models, family)
-    result.metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_lora_config(exported), sort_keys=True),
-                       "svdiff_relative_error": error_text}
-    if base_model := hub_id_or_none(shift_file.base_model):  # a local path would only leak where it was made
-        result.metadata["base_model"] = base_model
-    alpha = _common_rank(kohya_modules)
-    result.kohya_state_dict = _kohya_state_dict(kohya_modules, models, family, alpha)
-    result.kohya_metadata = _kohya_metadata(kohya_modules, alpha, family, error_text)
 
-    if probe:
-        result.reproduced = _probe(models, shift_file, infos, exported, result.kohya_state_dict, family)
-    if output is not None:
-        result.paths["diffusers"] = _save(result.state_dict, output, result.metadata)
-    if kohya_output is not None:
-        result.paths["kohya"] = _save(result.kohya_state_dict, kohya_output, result.kohya_metadata)
-    return result
+def _diffusers_file(modules: list[ExportedModule], models, family, error_text: str, base_model: Optional[str]):
+    """(tensors, metadata) of one diffusers-format file; empty for no modules."""
+    if not modules:
+        return {}, {}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_lora_config(modules), sort_keys=True),
+                "svdiff_relative_error": error_text}
+    if base_model:
+        metadata["base_model"] = base_model
+    return _diffusers_state_dict(modules, models, family), metadata
 
 
 def _factors(info, change: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +292,7 @@ def _diffusers_state_dict(exported: list[ExportedModule], models, family) -> dic
     state_dict = {}
     for m in exported:
         model = models[m.component]
-        a_key, b_key = lora_layout.diffusers_keys(m.component, model, m.name, m.kind)
+        a_key, b_key = lora_layout.diffusers_keys(lora_layout.file_component(m.component), model, m.name, m.kind)
         if m.kind == "embedding":
             # PEFT's embedding LoRA: out = embedding(ids, Aᵀ) @ Bᵀ, so A = upᵀ (r × vocab), B = downᵀ (dim × r).
             state_dict[a_key], state_dict[b_key] = m.up.T.contiguous(), m.down.T.contiguous()
@@ -247,13 +313,14 @@ def _lora_config(exported: list[ExportedModule]) -> dict:
     for component in dict.fromkeys(m.component for m in exported):
         ranks = {lora_layout.peft_target_name(component, m.name): m.rank for m in exported if m.component == component}
         common = _common_rank([m for m in exported if m.component == component])
+        prefix = lora_layout.file_component(component)
         # '^name' anchors PEFT's pattern match `(.*\.)?(key)$` at the start (diffusers writes patterns the same way);
         # text-encoder names stay unanchored so that they match with and without `text_model.`.
         anchor = "" if component.startswith("text_encoder") else "^"
         pattern = {f"{anchor}{name}": r for name, r in ranks.items() if r != common}
         kwargs = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
                   "target_modules": sorted(ranks)}
-        config.update({f"{component}.{k}" if component else k: v for k, v in kwargs.items()})
+        config.update({f"{prefix}.{k}" if prefix else k: v for k, v in kwargs.items()})
     return config
 
 
@@ -294,12 +361,12 @@ def _probe(models, shift_file, infos, exported: list[ExportedModule], kohya_stat
     scores = {}
     for component, deltas in shift_file.deltas.items():
         shift = lora_probe.shift_changes(deltas, infos[component])
-        files = {label: [] for label in FORMATS}
+        files = {label: [] for label in (FORMATS if family is not None else ("diffusers",))}
         for m in exported:
             if m.component != component:
                 continue
             files["diffusers"].append(lora_probe.lora_change(m.module, m.kind, m.down, m.up))
-            if m.kind in KOHYA_KINDS:
+            if "kohya" in files and m.kind in KOHYA_KINDS:
                 key = lora_layout.kohya_name(component, models[component], m.name, family)
                 files["kohya"].append(lora_probe.WeightChange(m.module, m.kind,
                                                               partial(_kohya_factors, kohya_state_dict, key)))
@@ -320,4 +387,4 @@ def _save(tensors, path, metadata) -> Path:
     return path
 
 
-__all__ = ["LoraExport", "choose_rank", "export_lora"]
+__all__ = ["LoraExport", "choose_rank", "export_lora", "transformer_2_path"]

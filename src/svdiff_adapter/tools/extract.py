@@ -69,7 +69,8 @@ def extract_shift(
         target_kinds (*optional*): module kinds to extract (`linear`, `conv2d`, `embedding`, `norm`).
         norm_mode (*optional*, defaults to `"elementwise"`): elementwise norm shifts reproduce γ_tuned exactly.
         base_model, base_revision (*optional*): recorded in the file.
-        components (*optional*): which components of a pipeline folder to compare (default: all found in both).
+        components (*optional*): which components of a pipeline folder to compare (default: the denoisers and text
+            encoders found in both, `base_folder.PIPELINE_COMPONENTS`).
 
     Returns:
         `Extraction` (the shift file and how much of ‖W_tuned − W_base‖ it keeps, per module and overall).

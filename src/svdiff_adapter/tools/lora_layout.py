@@ -15,6 +15,16 @@ The diffusers-format file (`-o`), read by diffusers' `load_lora_weights` / `load
   Embeddings: PEFT's `lora_embedding_A` (r × vocab) / `lora_embedding_B` (dim × r), which diffusers loads, plus the
   same ΔW under ComfyUI's generic names `text_encoders.clip_l.transformer.text_model.embeddings.token_embedding
   .lora_B.weight` / `.lora_A.weight`, which diffusers ignores (no `text_encoder.` prefix).
+- DiT denoisers (`transformer`): PEFT's keys prefixed by the component, `transformer.<module>.lora_A.weight` /
+  `.lora_B.weight`, what `save_lora_weights` of diffusers' `FluxLoraLoaderMixin` / `SD3LoraLoaderMixin` writes
+  (diffusers 0.42 loaders/lora_pipeline.py, `_save_lora_weights` → `pack_weights`). Never the `processor` spelling
+  of UNet attention keys: Flux's `lora_state_dict` takes any key containing "processor" for an XLabs file.
+  ComfyUI maps these diffusers names for Flux and SD3 (comfy/lora.py `model_lora_keys_unet`, "regular diffusers
+  flux/sd3 lora format"; read, not run here). Wan 2.2's second expert (`transformer_2`) goes to a file of its own,
+  again under `transformer.`: diffusers' `WanLoraLoaderMixin.load_lora_weights` reads only `transformer.` keys and
+  puts them into `transformer_2` with `load_into_transformer_2=True`, as Wan 2.2 LoRAs ship (one file per expert).
+  Components no diffusers LoRA loader reads (SD3's T5 `text_encoder_3`, Flux's T5 `text_encoder_2`) are left out
+  and reported (`unreadable_reason`).
 
 The kohya file (`--kohya`, ComfyUI / A1111 / LyCORIS / diffusers' kohya converter): `lora_unet_<module>`,
 `lora_te_…` (SD 1/2) or `lora_te1_…` / `lora_te2_…` (SDXL, as kohya's sd-scripts `networks/lora.py` names them), the
@@ -22,7 +32,10 @@ module path in the transformers 4.x CLIP layout (`text_model.encoder…`, `text_
 Embeddings have no kohya form these readers share: diffusers 0.42's kohya converter refuses any key it cannot rename
 (`_convert_non_diffusers_lora_to_diffusers`), and ComfyUI reads embedding changes only under its own
 `text_encoders.` names, which would make diffusers treat the whole file as non-kohya. A1111 (webui 1.x
-`extensions-builtin/Lora/networks.py`) patches no embedding modules either.
+`extensions-builtin/Lora/networks.py`) patches no embedding modules either. kohya files are written for Stable
+Diffusion 1/2 and SDXL only (`model_family`): kohya-style readers of DiT LoRAs expect the original checkpoints' module
+names (for Flux, BFL's `double_blocks.0.img_attn.qkv` with q, k, v fused and the modulation chunks in another order,
+which diffusers 0.42 `_convert_kohya_flux_lora_to_diffusers` undoes), not the diffusers modules a shift is stored on.
 """
 
 from __future__ import annotations
@@ -50,12 +63,37 @@ _COMFYUI_DIFFUSERS_CLIP = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(
 _ATTENTION_PROJECTION = re.compile(r"\.(to_q|to_k|to_v|to_out)$")
 
 
-def model_family(models: Mapping[str, nn.Module]) -> Optional[str]:
-    """sd-scripts' `ss_base_model_version` of a Stable Diffusion base (None for other models), from what was loaded:
-    SDXL has a second text encoder and "text_time" added conditioning, SD 2 1024-wide cross attention / text
-    states. A text-encoder-only SDXL shift cannot be told apart from SD 1 and counts as SD 1."""
+# Components some diffusers pipeline loads LoRA weights into (`_lora_loadable_modules`, diffusers 0.42
+# loaders/lora_pipeline.py); "" is a bare model (`unet.load_lora_adapter(file)` without a prefix).
+DIFFUSERS_LORA_COMPONENTS = ("", "unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2")
+# Wan 2.2's second expert: its LoRA is a file of its own, keyed like the first expert's (see the module docstring).
+SECOND_TRANSFORMER, FIRST_TRANSFORMER = "transformer_2", "transformer"
+# The components of a Stable Diffusion 1/2 or SDXL pipeline: the only ones kohya's sd-scripts names (`lora_unet_`,
+# `lora_te_`, `lora_te1_`, `lora_te2_`).
+SD_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def model_family(models: Mapping[str, nn.Module], pipeline_class: Optional[type] = None) -> Optional[str]:
+    """sd-scripts' `ss_base_model_version` of a Stable Diffusion base, None for every other model (DiT pipelines:
+    Flux, SD3, Wan, ...), from what was loaded and the pipeline class when known (`BaseModels.pipeline_class`).
+
+    SDXL has a second text encoder and "text_time" added conditioning, SD 2 1024-wide cross attention / text states.
+    A component outside `SD_COMPONENTS`, a first text encoder with a projection (SD3's) or a pipeline whose LoRA
+    loader is not diffusers' SD / SDXL one means another family. A text-encoder-only SDXL shift cannot be told
+    apart from SD 1 and counts as SD 1; a text-encoder-only shift of Flux's CLIP, given as a model rather than a
+    pipeline folder, counts as SD 1 too.
+    """
+    if pipeline_class is not None:
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+        if not issubclass(pipeline_class, (StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin)):
+            return None
+    if any(component not in SD_COMPONENTS for component in models):
+        return None
     unet = models.get("unet")
     text_encoder = models.get("text_encoder")
+    if type(text_encoder).__name__ == "CLIPTextModelWithProjection":  # SD3's first encoder; SDXL's is CLIPTextModel
+        return None
     if "text_encoder_2" in models:
         return SDXL
     if unet is not None and hasattr(unet, "config"):
@@ -65,6 +103,25 @@ def model_family(models: Mapping[str, nn.Module]) -> Optional[str]:
     if text_encoder is not None and hasattr(text_encoder, "config"):
         return SD_V2 if getattr(text_encoder.config, "hidden_size", None) == 1024 else SD_V1
     return None
+
+
+def unreadable_reason(component: str, pipeline_class: Optional[type] = None) -> Optional[str]:
+    """Why diffusers would not load a component's part of a LoRA file (it is then left out of the export), or None:
+    the pipeline's `load_lora_weights` reads only its `_lora_loadable_modules`; without a known pipeline, only the
+    components some diffusers pipeline reads."""
+    if pipeline_class is not None:
+        modules = list(getattr(pipeline_class, "_lora_loadable_modules", None) or [])
+        if component not in modules:
+            return f"{pipeline_class.__name__}.load_lora_weights reads LoRAs of {modules} only"
+        return None
+    if component not in DIFFUSERS_LORA_COMPONENTS:
+        return f"no diffusers pipeline loads LoRA weights into {component} (diffusers 0.42 `_lora_loadable_modules`)"
+    return None
+
+
+def file_component(component: str) -> str:
+    """The component prefix a module's keys get in the file that holds it (`transformer_2` → `transformer`)."""
+    return FIRST_TRANSFORMER if component == SECOND_TRANSFORMER else component
 
 
 def checkpoint_name(model: nn.Module, name: str) -> str:
@@ -127,5 +184,6 @@ def peft_target_name(component: str, name: str) -> str:
     return name
 
 
-__all__ = ["SDXL", "SD_V1", "SD_V2", "checkpoint_name", "comfyui_generic_key", "diffusers_keys", "kohya_name",
-           "model_family", "peft_target_name"]
+__all__ = ["DIFFUSERS_LORA_COMPONENTS", "SDXL", "SD_COMPONENTS", "SD_V1", "SD_V2", "SECOND_TRANSFORMER", "checkpoint_name",
+           "comfyui_generic_key", "diffusers_keys", "file_component", "kohya_name", "model_family", "peft_target_name",
+           "unreadable_reason"]

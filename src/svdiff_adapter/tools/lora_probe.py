@@ -1,7 +1,8 @@
 """How much of a spectral shift's effect an exported LoRA keeps, measured on the component outputs.
 
-Each component runs once on a small fixed input (text encoders: one random 77-token prompt; UNets: one random latent
-of 4·2^(levels−1) pixels a side, t = 500, random encoder states and SDXL added conditioning) three ways: as given
+Each component runs once on a small fixed input (CLIP text encoders: one random 77-token prompt, T5: 16 tokens; UNets:
+one random latent of 4·2^(levels−1) pixels a side, t = 500, random encoder states and SDXL added conditioning; Flux,
+SD3 and Wan transformers: 4 × 4 latent patches and 8 random text states, `probe_inputs`) three ways: as given
 (base), with the shift, and with each file's LoRA. Both changes are added by forward hooks in low-rank form
 (up(down(x)), as PEFT computes a LoRA), so nothing in the models changes and no weight is copied. The score is
 1 − ‖out_lora − out_shift‖ / ‖out_shift − out_base‖: 1 reproduces the shift, 0 is as far from it as the base model.
@@ -90,7 +91,8 @@ def applied(changes: Iterable[WeightChange]):
 
 
 def probe_inputs(model: nn.Module) -> Optional[dict]:
-    """A small fixed input for a diffusers UNet or a CLIP text encoder, None for other models."""
+    """A small fixed input for a diffusers UNet, a Flux / SD3 / Wan transformer, or a CLIP / T5 text encoder; None
+    for other models (their output change is then not measured)."""
     generator = torch.Generator().manual_seed(0)
     config = getattr(model, "config", None)
     name = type(model).__name__
@@ -105,10 +107,52 @@ def probe_inputs(model: nn.Module) -> Optional[dict]:
             inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
                                            "time_ids": torch.tensor([[8.0 * side] * 2 + [0.0] * 2 + [8.0 * side] * 2])}
         return inputs
+    if name in _TRANSFORMER_INPUTS:
+        return _TRANSFORMER_INPUTS[name](config, generator)
     if name.startswith("CLIPText"):
         ids = torch.randint(0, config.vocab_size, (1, config.max_position_embeddings), generator=generator)
         return {"input_ids": ids}
+    if name in ("T5EncoderModel", "UMT5EncoderModel"):
+        return {"input_ids": torch.randint(0, config.vocab_size, (1, 16), generator=generator)}
     return None
+
+
+def _flux_inputs(config, generator) -> dict:
+    """FluxTransformer2DModel (diffusers 0.42 models/transformers/transformer_flux.py): packed latents of a 4 × 4
+    grid, 8 text tokens, t = 0.5 (the pipeline passes t / 1000), guidance 3.5 where the model embeds it."""
+    grid = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 2)
+    inputs = {"hidden_states": torch.randn(1, 16, config.in_channels, generator=generator),
+              "encoder_hidden_states": torch.randn(1, 8, config.joint_attention_dim, generator=generator),
+              "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+              "timestep": torch.tensor([0.5]),
+              "img_ids": torch.cat([torch.zeros(16, 1), grid], 1), "txt_ids": torch.zeros(8, 3)}
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+def _sd3_inputs(config, generator) -> dict:
+    """SD3Transformer2DModel (transformer_sd3.py): a latent of 4 × 4 patches, 8 text tokens, t = 500."""
+    side = 4 * config.patch_size
+    return {"hidden_states": torch.randn(1, config.in_channels, side, side, generator=generator),
+            "encoder_hidden_states": torch.randn(1, 8, config.joint_attention_dim, generator=generator),
+            "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+            "timestep": torch.tensor([500.0])}
+
+
+def _wan_inputs(config, generator) -> Optional[dict]:
+    """WanTransformer3DModel (transformer_wan.py), text-to-video only (image-conditioned variants: None): one latent
+    frame of 4 × 4 patches, 8 text tokens, t = 500."""
+    if config.image_dim is not None:
+        return None
+    frames, height, width = config.patch_size
+    return {"hidden_states": torch.randn(1, config.in_channels, frames, 4 * height, 4 * width, generator=generator),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, 8, config.text_dim, generator=generator)}
+
+
+_TRANSFORMER_INPUTS = {"FluxTransformer2DModel": _flux_inputs, "SD3Transformer2DModel": _sd3_inputs,
+                       "WanTransformer3DModel": _wan_inputs}
 
 
 def _run(model: nn.Module, inputs: dict) -> torch.Tensor:

@@ -132,12 +132,14 @@ def train(args: argparse.Namespace) -> dict:
                      if model is not None}
     name = args.adapter_name
     cache = svd_cache_option(args)
+    spectral_rank = getattr(args, "spectral_rank", None)  # None: the full spectrum
     add_spectral_shift(unet, SpectralShiftConfig(target_kinds=target_kinds(args.unet_target_kinds),
-                                                 norm_mode=args.norm_mode), name, svd_cache=cache)
+                                                 norm_mode=args.norm_mode, spectral_rank=spectral_rank),
+                       name, svd_cache=cache)
     trained = {"unet": unet}
     if args.train_text_encoder:
         text_config = SpectralShiftConfig(target_kinds=target_kinds(args.text_encoder_target_kinds),
-                                          norm_mode=args.norm_mode)
+                                          norm_mode=args.norm_mode, spectral_rank=spectral_rank)
         for component, model in text_encoders.items():
             add_spectral_shift(model, text_config, name, svd_cache=cache)
             trained[component] = model

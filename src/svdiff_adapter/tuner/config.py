@@ -1,4 +1,4 @@
-"""`SpectralShiftConfig`: which modules get spectral shifts, and how norms are shifted."""
+"""`SpectralShiftConfig`: which modules get spectral shifts, how norms are shifted, and how much of each spectrum."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Optional, Union
 
 import torch
 from peft.config import PeftConfig
+
+from ..svd import SVD_DTYPES, TruncatedSVD, check_count
 
 
 class SpectralShiftPeftType(str, enum.Enum):
@@ -61,6 +63,22 @@ class SpectralShiftConfig(PeftConfig):
         modules_to_save (`list[str]`, *optional*, defaults to `None`):
             Modules trained and saved whole beside the shifts (e.g. a classifier head), as in PEFT's other tuners.
             `get_peft_model` with `task_type="SEQ_CLS"` adds the classifier itself. They are never shifted.
+        spectral_rank (`int`, *optional*, defaults to `None`):
+            Shift only the top k singular values of each matrix: a matrix m × n keeps U_k, σ_k, V_kᵀ with
+            k' = min(k, min(m, n)) and its δ has k' values; W_δ = W + U_k·diag(ReLU(σ_k + δ) − σ_k)·V_kᵀ (δ = 0 still
+            gives W exactly). The top-k factors come from a seeded randomized SVD (Halko, Martinsson & Tropp 2011),
+            far cheaper than a full SVD for large matrices. `None` (the default) shifts the full spectrum. Norm
+            weights shifted elementwise are unaffected. Files record it and the three values below, so that a load
+            rebuilds the same factors.
+        spectral_oversampling (`int`, *optional*, defaults to `16`):
+            Extra columns p of the randomized sketch (k' + p columns); only used with `spectral_rank`.
+        spectral_power_iterations (`int`, *optional*, defaults to `4`):
+            Power iterations q of the randomized SVD (each one product with Wᵀ and one with W, re-orthonormalised);
+            more make the top-k factors of slowly decaying spectra closer to the exact ones.
+        spectral_seed (`int`, *optional*, defaults to `0`):
+            Seed of the sketch's Gaussian test matrix (drawn on the CPU, the same for every device type).
+        spectral_svd_dtype (`str`, *optional*, defaults to `"float32"`):
+            Arithmetic of the randomized SVD: `"float32"` or `"float64"`.
 
     The shifts δ are float32 parameters whatever the model's dtype (PEFT's `autocast_adapter_dtype=True`, the
     default); `autocast_adapter_dtype=False` in `get_peft_model` / `PeftModel.from_pretrained` keeps them in the
@@ -98,6 +116,23 @@ class SpectralShiftConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained and saved whole beside the shifts (e.g. a classifier)."}
     )
+    spectral_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "Shift only the top k singular values of each matrix (k' = min(k, min(m, n)) values, from a "
+                          "seeded randomized SVD); None shifts the full spectrum."},
+    )
+    spectral_oversampling: int = field(
+        default=16, metadata={"help": "Extra sketch columns p of the randomized SVD (with spectral_rank)."}
+    )
+    spectral_power_iterations: int = field(
+        default=4, metadata={"help": "Power iterations q of the randomized SVD (with spectral_rank)."}
+    )
+    spectral_seed: int = field(
+        default=0, metadata={"help": "Seed of the randomized SVD's Gaussian test matrix (with spectral_rank)."}
+    )
+    spectral_svd_dtype: str = field(
+        default="float32", metadata={"help": f"Arithmetic of the randomized SVD, one of {SVD_DTYPES}."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,3 +166,23 @@ class SpectralShiftConfig(PeftConfig):
             raise ValueError("`layers_to_transform` and `layers_pattern` cannot be used when `target_modules` is a str.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        if self.spectral_rank is not None:
+            check_count("spectral_rank", self.spectral_rank, minimum=1)
+            self.spectral_rank = int(self.spectral_rank)
+        check_count("spectral_oversampling", self.spectral_oversampling, minimum=0)
+        check_count("spectral_power_iterations", self.spectral_power_iterations, minimum=0)
+        check_count("spectral_seed", self.spectral_seed, minimum=0, maximum=2**63 - 1)
+        if isinstance(self.spectral_svd_dtype, torch.dtype):
+            self.spectral_svd_dtype = str(self.spectral_svd_dtype).removeprefix("torch.")
+        if self.spectral_svd_dtype not in SVD_DTYPES:
+            raise ValueError(f"`spectral_svd_dtype` should be one of {list(SVD_DTYPES)} but the value passed is "
+                             f"{self.spectral_svd_dtype!r}.")
+
+    @property
+    def truncated_svd(self) -> Optional[TruncatedSVD]:
+        """How the top-k factors are computed, or None for the full spectrum (`spectral_rank=None`)."""
+        if self.spectral_rank is None:
+            return None
+        return TruncatedSVD(rank=self.spectral_rank, oversampling=int(self.spectral_oversampling),
+                            power_iterations=int(self.spectral_power_iterations), seed=int(self.spectral_seed),
+                            dtype=self.spectral_svd_dtype)

@@ -74,6 +74,9 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         # Set under sequential CPU offload (`offload_spectral_layers`): the layer's tensors stay where they are and
         # each call sends the weight in use and the bias to this device.
         self.spectral_execution_device: Optional[torch.device] = None
+        # How the factors were computed (None for a full SVD): adapters sharing them must ask for the same.
+        self.spectral_truncation = getattr(factors, "truncation", None)
+        self.spectral_factors_computed_on = getattr(factors, "computed_on", None)
         if factors is not None:
             device = base_layer.weight.device
             self.spectral_U, self.spectral_S, self.spectral_Vh = (t.to(device) for t in (factors.U, factors.S,
@@ -96,8 +99,11 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
 
     @property
     def shift_size(self) -> int:
-        """Number of shift values: k = min(m, n) singular values, or C elements of a norm weight."""
-        return spectral.shift_length(self.base_layer.weight.shape, self.uses_factors)
+        """Number of shift values: the k kept singular values (min(m, n), or min(spectral_rank, m, n) for a truncated
+        spectrum), or C elements of a norm weight."""
+        if self.uses_factors:
+            return self.spectral_S.numel()
+        return spectral.shift_length(self.base_layer.weight.shape, False)
 
     @property
     def spectral_weight(self) -> Optional[torch.Tensor]:

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
 from torch import nn
 
 from ..spectral import weight_matrix
-from ..svd import SpectralFactors, SVDCache, compute_factors, factor_dtype_of
+from ..svd import SpectralFactors, SVDCache, compute_factors, factor_dtype_of, truncation_for
 from .config import SpectralShiftConfig
 from .layer import SpectralShiftLayer, find_spectral_layer, layer_class_for
 from .targets import is_excluded, module_kind, raw_module, resolve_targets, uses_factors
@@ -82,6 +82,7 @@ class SpectralShiftModel(BaseTuner):
                 module_names = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
             targets = resolve_targets(model, config, module_names)
         factor_dtype = factor_dtype_of(config.factor_dtype)
+        truncation = config.truncated_svd
         # Validate every target before the first module is replaced, so a failure leaves the model unchanged.
         needed: dict[str, nn.Module] = {}
         for name, raw in targets.items():
@@ -100,12 +101,14 @@ class SpectralShiftModel(BaseTuner):
                         f"Module {name!r} keeps its SVD factors in {existing.factor_dtype}; all adapters of one "
                         f"module share them, so `factor_dtype` must be {str(existing.factor_dtype)[6:]!r} here."
                     )
+                if wants_factors:
+                    check_same_truncation(name, existing, truncation)
             elif wants_factors:
                 needed[name] = raw
         given = options.get("factors", {})
         to_compute = {name: weight_matrix(raw.weight) for name, raw in needed.items() if name not in given}
         computed = compute_factors(to_compute, cache=options.get("cache"), progress=options.get("progress"),
-                                   desc=f"SVD for {adapter_name!r}", factor_dtype=factor_dtype)
+                                   desc=f"SVD for {adapter_name!r}", factor_dtype=factor_dtype, truncation=truncation)
         self._spectral_factors = {name: given.get(name) or computed.get(name) for name in needed}
         self._spectral_targets = set(targets)
         self._spectral_injecting = True
@@ -158,6 +161,21 @@ class SpectralShiftModel(BaseTuner):
         while holder.base_layer is not raw:
             holder = holder.base_layer
         holder.base_layer = new_module
+
+
+def check_same_truncation(name: str, layer: SpectralShiftLayer, truncation) -> None:
+    """Adapters of one module share its factors: a new one must ask for the spectrum the layer holds (the same
+    `spectral_rank` and randomized-SVD parameters, or both the full spectrum)."""
+    wanted = truncation_for(weight_matrix(layer.base_layer.weight).shape, truncation)
+    if layer.spectral_truncation != wanted:
+        def describe(held):
+            return "the full spectrum" if held is None else (
+                f"spectral_rank={held.rank} (oversampling {held.oversampling}, power iterations "
+                f"{held.power_iterations}, seed {held.seed}, {held.dtype})")
+        raise ValueError(
+            f"Module {name!r} holds factors of {describe(layer.spectral_truncation)}; all adapters of one module "
+            f"share them, so this adapter cannot use {describe(wanted)} there."
+        )
 
 
 def spectral_layers(model: nn.Module) -> Iterator[tuple[str, SpectralShiftLayer]]:

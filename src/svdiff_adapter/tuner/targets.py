@@ -29,8 +29,58 @@ def module_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+# What to do instead, said with every refusal of a quantized or float8-stored weight.
+QUANTIZED_ADVICE = ("load the base in bfloat16/float16/float32 to apply a spectral shift; for a quantized model, export "
+                    "the shift as a LoRA against the float base (`svdiff export-lora`) and load that LoRA instead")
+_FLOAT8_DTYPES = tuple(dtype for name in dir(torch) if name.startswith("float8_")
+                       and isinstance(dtype := getattr(torch, name), torch.dtype))
+
+
+def quantized_weight_reason(module: nn.Module) -> Optional[str]:
+    """Why a module's weight is not a plain floating-point tensor that a shift can decompose and run with, or None.
+
+    A shift needs the float weight twice: for its SVD and for its forward, which runs the base op with
+    W_δ = W + U·diag(c)·Vᵀ built in the weight's own dtype. None of these holds one:
+
+    - bitsandbytes `Linear4bit` / `Linear8bitLt` (`nn.Linear` subclasses): `Params4bit` holds packed 4-bit codes
+      (a (n·m/2) × 1 uint8 column) and `Int8Params` int8 rows with separate scales; an SVD of either is meaningless,
+      and their forward does not take another weight.
+    - torchao (`quantize_`): the weight is a tensor subclass (`Int8Tensor`, `AffineQuantizedTensor`, ...) on a plain
+      `nn.Linear`, whose `dtype` still reads float32; arithmetic on it stays quantized.
+    - GGUF (diffusers 0.42 quantizers/gguf/utils.py `GGUFLinear` / `GGUFParameter`): uint8 blocks of the GGML
+      format, dequantized by the module's own forward.
+    - float8 storage (diffusers' `enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, ...)`, hooks/
+      layerwise_casting.py, or a float8 checkpoint): the layer's hook upcasts W per forward, but a shift replaces
+      that forward and would build W_δ in float8 (3 mantissa bits: most of the shift's change rounds away) and
+      multiply it with compute-dtype inputs.
+
+    Any weight that is not exactly a `torch.Tensor` / `nn.Parameter` of a floating dtype is refused the same way, so
+    quantizers not listed here are never decomposed silently. Dequantizing only for the SVD would not help: the
+    forward and `fuse` still need a float weight. A LoRA exported from the shift against the float base
+    (`svdiff export-lora`, docs/tools.md) adds the same ΔW to the quantized weight, as LoRAs on quantized bases do
+    (PEFT 0.21 has LoRA layers for bitsandbytes and torchao weights, peft/tuners/lora/bnb.py and torchao.py).
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if type(weight) not in (torch.Tensor, nn.Parameter) or type(weight.data) is not torch.Tensor:
+        origin = type(weight).__module__.split(".")[0]
+        return (f"its weight is a {origin} {type(weight).__name__} (a quantized or wrapped tensor, not a plain float "
+                f"weight); {QUANTIZED_ADVICE}")
+    if weight.dtype in _FLOAT8_DTYPES:
+        return (f"its weight is stored in {str(weight.dtype).removeprefix('torch.')} (e.g. diffusers' "
+                "enable_layerwise_casting), and a shift needs the full-precision weight for its SVD and its forward; "
+                f"{QUANTIZED_ADVICE}")
+    if not weight.is_floating_point():
+        return f"its weight is {str(weight.dtype).removeprefix('torch.')} (quantized); {QUANTIZED_ADVICE}"
+    return None
+
+
 def unsupported_reason(module: nn.Module, parent: Optional[nn.Module] = None) -> Optional[str]:
     """Why a module of a supported kind cannot be shifted (given the module that holds it), or None."""
+    quantized = quantized_weight_reason(module)
+    if quantized is not None:
+        return quantized
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"Conv2d with groups={module.groups} (only groups=1 kernels have one matrix to decompose)"
     if isinstance(parent, nn.MultiheadAttention):

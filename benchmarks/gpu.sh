@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU run, <= 8 minutes on one H200-class GPU: SVD times (full and truncated, float32 on the device) for a
+# Flux-shaped transformer, bf16 forwards with and without shifts (unfused, fused), load and build times, peak memory.
+# Results: benchmarks/results/gpu/ (dit.json, dit.log). `--cpu` runs the same steps on a 1/24-width model on the CPU
+# (a smoke test of the script, tests/test_benchmarks.py; numbers meaningless).
+#
+# The GPU machine has torch but not diffusers: carry its wheel (pure Python) and this package's source:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
+#   then run: PYTHONPATH=src benchmarks/gpu.sh   (with .whl carried and installed to a --target folder first)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ "${1:-}" = "--cpu" ]; then
+    out=${OUT_DIR:-$(mktemp -d)}
+    args=(--device cpu --smoke --threads 1 --repeats 1)
+else
+    out=${OUT_DIR:-benchmarks/results/gpu}
+    args=(--device cuda --repeats 3 --tokens 4096 --text-tokens 512)
+fi
+mkdir -p "$out"
+"$PYTHON" benchmarks/dit.py "${args[@]}" --out "$out" 2>&1 | tee "$out/dit.log"
+echo "results in $out"
