@@ -112,6 +112,7 @@ def full_svd_times(model, device):
 
 
 def make_shift_file(model, rank, folder: Path) -> Path:
+    assert not any(name.endswith("base_layer") for name in linear_names(model)), "the model holds adapter wrappers"
     """A file with random δ (2 % of the mean σ) on every Linear, truncated to `rank` (None: full spectrum)."""
     import svdiff_adapter as sa
     from common import randomize_shifts
@@ -147,7 +148,7 @@ def measure_loads(model, path, lora, repeats, device, cache_dir):
         sa.unload_spectral_shift(model)
         seconds, _ = timed(lambda: model.load_lora_adapter(lora, adapter_name="lora", prefix="transformer"), device)
         lora_times.append(seconds)
-        model.delete_adapters("lora")
+        model.unload_lora()  # the wrappers too: later base forwards must run the plain model
     results["cached_load_s"] = statistics.median(cached)
     results["lora_load_s"] = statistics.median(lora_times)
     return results
@@ -180,10 +181,68 @@ def measure_forwards(model, path, lora, inputs, repeats, device):
         model.load_lora_adapter(lora, adapter_name="lora", prefix="transformer")
         forward()
         times["lora"].append(timed(forward, device)[0])
-        model.delete_adapters("lora")
+        model.unload_lora()  # the wrappers too: later base forwards must run the plain model
     result = {f"{key}_forward_s": statistics.median(value) for key, value in times.items()}
     result["build_s"] = build
     return result
+
+
+MEMORY_MODES = ("base", "unfused", "fused", "fused-offloaded", "lora")
+
+
+def measure_memory_child(args, device, dtype) -> dict:
+    """One mode in this (fresh) process: peak memory of a forward after the model is ready, and of getting ready."""
+    import ctypes
+
+    import svdiff_adapter as sa
+    from procmem import reset_peak_rss, status_bytes
+
+    import diffusers  # noqa: F401  (the imports belong to the baseline, not to the model)
+
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else status_bytes("VmRSS")
+    torch.manual_seed(0)
+    model = flux_shaped(args.double, args.single, args.smoke).to(device, dtype).eval()
+    inputs = flux_inputs(model, args.tokens, args.text_tokens, device, dtype)
+    mode = args.memory
+    if mode in ("unfused", "fused", "fused-offloaded"):
+        sa.load_spectral_shift_adapter({"transformer": model}, args.shift_file, "bench", svd_cache=False)
+        storage = None if mode != "fused-offloaded" else ("cpu" if device.type == "cuda" else args.offload_dir)
+        for layer in layers_of(model) if mode != "unfused" else []:
+            layer.merge(original_storage=storage)
+    elif mode == "lora":
+        from common import lora_state_dict
+
+        model.load_lora_adapter(lora_state_dict(model, linear_names(model), "transformer", 16), adapter_name="lora",
+                                prefix="transformer")
+    gc.collect()
+    if device.type == "cuda":
+        ready_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed originals back to the system before measuring
+        ready_peak = status_bytes("VmHWM")
+        reset_peak_rss()
+    with torch.no_grad():
+        model(**inputs)
+    synchronize(device)
+    forward_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_bytes("VmHWM")
+    return {"mode": mode, "baseline_bytes": baseline, "ready_peak_bytes": ready_peak,
+            "forward_peak_bytes": forward_peak}
+
+
+def measure_memory(args, path: Path, work: Path) -> dict:
+    """Each mode in its own process (peaks only grow within a process)."""
+    results = {}
+    for mode in MEMORY_MODES:
+        command = [sys.executable, str(Path(__file__).resolve()), "--memory", mode, "--shift-file", str(path),
+                   "--offload-dir", str(work / "originals"), "--device", args.device, "--threads", str(args.threads),
+                   "--double", str(args.double), "--single", str(args.single), "--tokens", str(args.tokens),
+                   "--text-tokens", str(args.text_tokens)] + (["--dtype", args.dtype] if args.dtype else []) + (
+                   ["--smoke"] if args.smoke else [])
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[mode] = json.loads(output.strip().splitlines()[-1])
+        print(json.dumps(results[mode]), file=sys.stderr, flush=True)
+    return results
 
 
 def layers_of(model):
@@ -205,10 +264,16 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="model dtype (default float32 on a CPU, bfloat16 on a GPU)")
     parser.add_argument("--smoke", action="store_true", help="1/24 of the width: checks the script, not the numbers")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "dit")
+    parser.add_argument("--memory", choices=MEMORY_MODES, help=argparse.SUPPRESS)  # one memory mode (child process)
+    parser.add_argument("--shift-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--offload-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    if args.memory:
+        print(json.dumps(measure_memory_child(args, device, dtype)))
+        return
     torch.manual_seed(0)
     model = flux_shaped(args.double, args.single, args.smoke).to(device, dtype).eval()
     names = linear_names(model)
@@ -229,11 +294,72 @@ def main() -> None:
             path = make_shift_file(model, rank, Path(work))
             row = measure_loads(model, path, lora, args.repeats, device, Path(work) / f"cache-{rank}")
             row.update(measure_forwards(model, path, lora, inputs, args.repeats, device))
+            row["memory"] = measure_memory(args, path, Path(work))
             results[f"rank_{rank}"] = row
             print(json.dumps({f"rank_{rank}": row}), file=sys.stderr, flush=True)
+    results["flux_dev_extrapolation"] = extrapolate(model, args, results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dit.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    (args.out / "dit.md").write_text(markdown(results, " ".join(sys.argv)))
+    print(markdown(results, " ".join(sys.argv)))
+
+
+def extrapolate(model, args, results) -> dict:
+    """Whole-model figures for Flux.1-dev (19 double + 38 single blocks) from this model's, by weight elements per
+    block kind (SVD and load time grow with the matrices' elements at a fixed rank)."""
+    elements = Counter()
+    for name in linear_names(model):
+        elements[block_of(name)] += model.get_submodule(name).weight.numel()
+    double, single = FLUX_DEV_BLOCKS
+    scale_up = (elements["outside"] + elements["double"] / args.double * double
+                + elements["single"] / args.single * single) / sum(elements.values())
+    full = results["full_svd_s"]
+    return {
+        "weight_elements_factor": scale_up,
+        "full_svd_s": full.get("outside", 0) + full.get("double", 0) / args.double * double
+        + full.get("single", 0) / args.single * single,
+        **{f"rank_{rank}_cold_load_s": results[f"rank_{rank}"]["cold_load_s"] * scale_up for rank in args.ranks},
+    }
+
+
+def markdown(results, command: str) -> str:
+    """The results table: every target of docs/performance.md's transformer section as a ratio from this run."""
+    def ratio(a, b):
+        return f"{a / b:.3f}" if b else "n/a"
+
+    extra = results["flux_dev_extrapolation"]
+    lines = [f"Command: `{command}`; torch {results['torch']}; {results['parameters'] / 1e6:.0f}M parameters, "
+             f"{results['linears']} Linear layers.", "",
+             "| measure | ours | anchor | ratio | target |", "|---|---|---|---|---|"]
+    full = results["full_svd_total_s"]
+    for key in [k for k in results if k.startswith("rank_")]:
+        row, k = results[key], key.removeprefix("rank_")
+        memory = row["memory"]
+
+        def model_bytes(mode, field="forward_peak_bytes"):
+            return memory[mode][field] - memory[mode]["baseline_bytes"]
+
+        lines += [
+            f"| k={k}: cold load (randomized SVD) vs full-spectrum SVD (per shape, extrapolated) | {row['cold_load_s']:.2f} s "
+            f"| {full:.1f} s | {ratio(row['cold_load_s'], full)} | ≤ 0.05 |",
+            f"| k={k}: cached load vs `load_lora_adapter` r16 | {row['cached_load_s']:.3f} s | {row['lora_load_s']:.3f} s "
+            f"| {ratio(row['cached_load_s'], row['lora_load_s'])} | |",
+            f"| k={k}: build of all effective weights | {row['build_s']:.3f} s | | | |",
+            f"| k={k}: unfused forward vs base | {row['unfused_forward_s']:.3f} s | {row['base_forward_s']:.3f} s "
+            f"| {ratio(row['unfused_forward_s'], row['base_forward_s'])} | ≤ 1.05 |",
+            f"| k={k}: fused forward vs base | {row['fused_forward_s']:.3f} s | {row['base_forward_s']:.3f} s "
+            f"| {ratio(row['fused_forward_s'], row['base_forward_s'])} | |",
+            f"| k={k}: LoRA r16 unfused forward vs base | {row['lora_forward_s']:.3f} s | {row['base_forward_s']:.3f} s "
+            f"| {ratio(row['lora_forward_s'], row['base_forward_s'])} | |",
+        ]
+        for mode in ("unfused", "fused", "fused-offloaded", "lora"):
+            lines.append(f"| k={k}: peak memory of a forward, {mode} vs base (above the process baseline) "
+                         f"| {model_bytes(mode) / 2**20:.0f} MiB | {model_bytes('base') / 2**20:.0f} MiB "
+                         f"| {ratio(model_bytes(mode), model_bytes('base'))} | {'≤ 1.10' if mode == 'fused-offloaded' else ''} |")
+        lines.append(f"| k={k}: cold load of a whole Flux.1-dev, extrapolated | "
+                     f"{extra[f'rank_{k}_cold_load_s'] / 60:.1f} min | | | ≤ 10 min |")
+    lines.append(f"| full-spectrum SVD of a whole Flux.1-dev, extrapolated | {extra['full_svd_s'] / 60:.1f} min | | | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -353,3 +353,44 @@ def test_a_load_into_one_expert_leaves_the_other_experts_adapters_active():
     layer = find_spectral_layer(pipe.transformer.get_submodule(_linear_names(base.transformer)[0]))
     assert layer.active_adapters == ["high"]
     assert _effect_error(family, pipe, both, base) < 2e-2
+
+
+# -------------------------------------------------------------------------- where a fused original waits
+@pytest.mark.parametrize("storage", ["cpu", "folder"])
+def test_fused_originals_kept_off_the_weight_come_back_bit_exact(storage, tmp_path):
+    from svdiff_adapter.tuner.merge_storage import StoredOriginal
+
+    family = FAMILIES["flux"]
+    prototype = family.pipeline(sa.FluxPipeline)
+    pipe = copy.deepcopy(prototype)
+    dog, cat = _make_deltas(prototype, 1), _make_deltas(prototype, 2, scale=0.3)
+    pipe.load_spectral_shift(dog, "dog", factor_dtype=torch.float32)
+    unfused = family.call(pipe)
+    where = "cpu" if storage == "cpu" else tmp_path / "originals"
+    pipe.fuse_spectral_shift(original_storage=where)
+    layers = [find_spectral_layer(m) for m in pipe.transformer.modules() if find_spectral_layer(m) is m]
+    assert layers and all(isinstance(layer._spectral_merge[0], StoredOriginal) for layer in layers)
+    if storage == "folder":
+        assert len(list(where.iterdir())) == len(layers)
+    assert torch.allclose(family.call(pipe), unfused, atol=1e-5, rtol=0)
+    # A shift loaded on top of the fused one builds from the kept original, inside the same ReLU.
+    pipe.load_spectral_shift(cat, "cat", factor_dtype=torch.float32)
+    pipe.set_adapters(["dog", "cat"], weights=[1.0, 1.0])
+    reference = _reference(prototype, [(1.0, dog), (1.0, cat)])
+    assert _effect_error(family, pipe, reference, prototype) < 1e-4
+    pipe.unfuse_spectral_shift()
+    for name in _linear_names(prototype.transformer):
+        restored = find_spectral_layer(pipe.transformer.get_submodule(name)).base_layer.weight
+        assert torch.equal(restored, prototype.transformer.get_submodule(name).weight), name
+    if storage == "folder":
+        assert not list(where.iterdir())  # the files go with the fuse
+
+
+def test_a_bad_original_storage_fuses_nothing(tmp_path):
+    pipe = FAMILIES["flux"].pipeline(sa.FluxPipeline)
+    pipe.load_spectral_shift(_make_deltas(pipe, 1), "a")
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", 3, ""):
+        with pytest.raises(ValueError, match="original_storage"):
+            pipe.fuse_spectral_shift(original_storage=bad)
+    assert not any(find_spectral_layer(m).merged for m in pipe.transformer.modules() if find_spectral_layer(m) is m)

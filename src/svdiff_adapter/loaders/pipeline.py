@@ -24,6 +24,7 @@ from torch import nn
 
 from ..format import DEFAULT_WEIGHT_NAME, SpectralShiftFile, hub_id_or_none, parse_in_memory, save_shift_file
 from ..tuner import spectral_layers
+from ..tuner.merge_storage import check_storage
 from .diffusers_compat import offloading_suspended
 from .diffusers_methods import DiffusersAdapterMethods, _move_adapter, as_list
 from .hotswap import hotswap_spectral_shift
@@ -239,7 +240,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
     # ---------------------------------------------------------------------------------- fuse / unload / device
     def fuse_spectral_shift(
         self, adapter_names: Union[str, list[str], None] = None, components: Optional[list[str]] = None,
-        safe_fusing: bool = False,
+        safe_fusing: bool = False, original_storage: Union[str, os.PathLike, None] = None,
     ) -> None:
         """Write W_δ of the given (default: the active) spectral shifts into the weights of `components` (default:
         all). Inference then costs exactly the base model; `unfuse_spectral_shift()` restores the weights bit for
@@ -248,7 +249,13 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         `safe_fusing=True` (as in diffusers' `fuse_lora`) first checks that every fused weight is finite (a float16
         weight can overflow) and raises with nothing fused. Shifts and adapter weights are finite by construction
         (both are checked where they come in).
+
+        `original_storage` says where each fused layer keeps its original weight for `unfuse_spectral_shift`:
+        `None` / `"device"` beside the weight (fastest; a second copy of every shifted weight), `"cpu"` (off the
+        accelerator: device memory stays at the base model's), or a folder (raw files, memory-mapped back at unfuse
+        and deleted: for CPU inference of models that fill the RAM). Unfuse is bit-exact with each.
         """
+        check_storage(original_storage)
         adapter_names = as_list(adapter_names)
         loaded = self._spectral_names()
         if not loaded:
@@ -265,7 +272,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
             if unsafe:
                 raise ValueError(f"NaNs or infs detected in {len(unsafe)} fused weight(s); nothing was fused.")
         for layer in layers:
-            layer.merge(adapter_names=adapter_names)
+            layer.merge(adapter_names=adapter_names, original_storage=original_storage)
         self._sync_fused_names()
 
     def unfuse_spectral_shift(self, components: Optional[list[str]] = None) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import spectral
 from ..svd import SpectralFactors, tensor_digest
+from . import merge_storage
 from .cache import SpectralWeightCache
 
 
@@ -141,8 +142,11 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return self.merged_adapters + [n for n in active if n not in self.merged_adapters]
 
     def _unmerged_weight(self) -> torch.Tensor:
-        """The base weight without any merged shift (the weight itself while nothing is merged)."""
-        return self._spectral_merge[0] if self._spectral_merge is not None else self.base_layer.weight
+        """The base weight without any merged shift (the weight itself while nothing is merged); an original kept
+        off the device (`merge(original_storage=...)`) comes back as a temporary copy."""
+        if self._spectral_merge is None:
+            return self.base_layer.weight
+        return merge_storage.on_device(self._spectral_merge[0], self.base_layer.weight.device)
 
     def set_scale(self, adapter: str, scale: float) -> None:
         """Set the weight wᵢ of one adapter (diffusers' `set_adapters` calls this on every layer)."""
@@ -260,19 +264,18 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         return tuple((n, self.spectral_scaling[n]) for n in names)
 
     def _weight_key(self, names: list[str]):
-        weight = self._unmerged_weight()
+        base = self._spectral_merge[0] if self._spectral_merge is not None else self.base_layer.weight
         shifts = tuple(
             (n, self.spectral_scaling[n], self.spectral_delta[n]._version, self.spectral_delta[n].data_ptr())
             for n in names
         )
-        return shifts, weight.data_ptr(), weight._version, weight.device, weight.dtype, self.spectral_build_dtype
+        return shifts, merge_storage.identity(base), self.base_layer.weight.device, self.spectral_build_dtype
 
     def effective_weight(self) -> torch.Tensor:
         """W_δ for the applied adapters: cached for inference, recomposed when gradients are needed."""
-        weight = self._unmerged_weight()
         names = self._applied_adapters()
         if self._needs_grad(names):
-            return self.weight_with_shift(weight, self.combined_shift(names))
+            return self.weight_with_shift(self._unmerged_weight(), self.combined_shift(names))
         cache = self.spectral_cache
         if torch.compiler.is_compiling():
             # A compiled graph reads the cached tensor as an input; eager code (`refresh_spectral_weight`, e.g. after
@@ -280,7 +283,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             # weights compared here, so `set_adapters` on a compiled model recompiles instead of using a stale one.
             if cache.weight is not None and cache.scales == self._scale_state(names):
                 return cache.weight
-            return self.weight_with_shift(weight, self.combined_shift(names))
+            return self.weight_with_shift(self._unmerged_weight(), self.combined_shift(names))
         if cache.weight is None or cache.key != self._weight_key(names):
             self.refresh_spectral_weight()
         return cache.weight
@@ -310,7 +313,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.spectral_delta]
         if not names:
             return None
-        original = self._spectral_merge[0] if self._spectral_merge else self.base_layer.weight.data
+        original = self._unmerged_weight().data
         with torch.no_grad():
             shift = self.combined_shift(self.merged_adapters + names).detach().clone()
             merged = self.weight_with_shift(original, shift)
@@ -321,12 +324,16 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         plan = self._merge_plan(adapter_names)
         return plan is None or bool(torch.isfinite(plan[3]).all())
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+              original_storage: merge_storage.OriginalStorage = None) -> None:
         """Write W_δ of the given (default: active) adapters into the base weight; `unmerge` restores it exactly.
 
         Adapters merged later join the ones already merged inside the same ReLU. With `safe_merge`, a result with
-        NaN or inf raises and the weight stays as it was.
+        NaN or inf raises and the weight stays as it was. `original_storage` says where the original weight waits
+        for `unmerge`: `None` / `"device"` with the weight, `"cpu"`, or a folder (a raw file, memory-mapped back);
+        see `tuner.merge_storage`.
         """
+        merge_storage.check_storage(original_storage)
         # Any tuner's merge may have changed the shared base weight: drop our cached effective weight.
         self.spectral_cache.clear()
         plan = self._merge_plan(adapter_names)
@@ -336,7 +343,8 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs detected in the merged weights; adapters {names} were not merged.")
         self.base_layer.weight.data = merged
-        self._spectral_merge = (original, shift, tensor_digest(merged))
+        kept = self._spectral_merge[0] if self._spectral_merge else merge_storage.store(original, original_storage)
+        self._spectral_merge = (kept, shift, tensor_digest(merged))
         self.merged_adapters = self.merged_adapters + names
 
     def unmerge(self) -> None:
@@ -348,8 +356,9 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.spectral_cache.clear()
         if self._spectral_merge is None:
             return
-        original, shift, digest = self._spectral_merge
+        kept, shift, digest = self._spectral_merge
         current = self.base_layer.weight.data
+        original = merge_storage.on_device(kept, current.device)
         if tensor_digest(current) == digest:
             restored = original
         else:
@@ -357,6 +366,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
                 ours = self.weight_with_shift(original, shift).to(torch.float32)
                 restored = (original.to(torch.float32) + (current.to(torch.float32) - ours)).to(original.dtype)
         self.base_layer.weight.data = restored
+        merge_storage.release(kept)
         self._spectral_merge = None
         self.merged_adapters = []
 

@@ -1,0 +1,34 @@
+"""The GPU benchmark script's CPU smoke run (`benchmarks/gpu.sh --cpu`): every step runs and every number is there.
+
+The numbers of a 1/24-width model on a CPU mean nothing; benchmarks/results/dit holds the real CPU run and
+benchmarks/results/gpu a GPU run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_the_cpu(tmp_path):
+    env = dict(os.environ, OUT_DIR=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--cpu"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "dit.json").read_text())
+    for rank in (16, 64):
+        row = results[f"rank_{rank}"]
+        for key in ("cold_load_s", "cached_load_s", "lora_load_s", "build_s", "base_forward_s", "unfused_forward_s",
+                    "fused_forward_s", "lora_forward_s"):
+            assert row[key] > 0, key
+        assert set(row["memory"]) == {"base", "unfused", "fused", "fused-offloaded", "lora"}
+        assert all(m["forward_peak_bytes"] > m["baseline_bytes"] for m in row["memory"].values())
+    assert results["full_svd_total_s"] > 0 and results["flux_dev_extrapolation"]["full_svd_s"] > 0
+    table = (tmp_path / "dit.md").read_text()
+    assert "cold load of a whole Flux.1-dev, extrapolated" in table and "fused-offloaded vs base" in table
