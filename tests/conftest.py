@@ -27,3 +27,10 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Back to one thread after any test that changed it (trainers and benchmarks set their own)."""
+    yield
+    torch.set_num_threads(1)

@@ -38,13 +38,6 @@ def assert_plain_unchanged(model, snapshot):
     assert {name: type(module) for name, module in model.named_modules()} == types
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TwoLinears(nn.Module):
     """A plain float layer beside a layer whose weight the test replaces (`quantized`)."""

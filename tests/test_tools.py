@@ -30,14 +30,6 @@ from .tiny_models import text_inputs, tiny_unet, unet_output
 FIXTURE = Path(__file__).parent / "fixtures" / "svdiff_pytorch"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and on a busy shared CPU much faster (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def shifted_unet(seed, kinds=("linear", "conv2d", "norm"), scale=0.3, name="a", clip=True):
     """A tiny UNet with one random shift `name`; some leading values of conv_in pushed below zero (ReLU clips).

@@ -39,13 +39,6 @@ FULL_RANK = 10_000
 CLOSE = 1e-4  # float32 round-off of a full-rank export, relative to the shift's effect
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------------------------- tiny pipelines
 def clip_with_projection(seed):

@@ -41,16 +41,16 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def shift_length(weight_shape: torch.Size, decomposed: bool) -> int:
-    """Values in one shift: k = min(m, n) singular values of `weight_matrix`, or every element of a weight shifted
-    elementwise (`decomposed=False`)."""
+def shift_length(weight_shape: torch.Size, decomposed: bool, rank: Optional[int] = None) -> int:
+    """Values in one shift: k = min(m, n) singular values of `weight_matrix` (k' = min(rank, m, n) with a truncated
+    spectrum), or every element of a weight shifted elementwise (`decomposed=False`)."""
     numel = 1
     for size in weight_shape:
         numel *= size
     if not decomposed:
         return numel
     rows = 1 if len(weight_shape) == 1 else weight_shape[0]
-    return min(rows, numel // rows)
+    return min(rows, numel // rows, rank or numel)
 
 
 def combine_shifts(weighted_shifts: Iterable[tuple[torch.Tensor, float]], length: int,

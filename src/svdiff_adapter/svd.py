@@ -331,7 +331,7 @@ class SVDCache:
                 metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
             if metadata.get("checksum") != _factors_checksum(factors):
                 raise ValueError("checksum mismatch")
-            fits = _leading_pair_fits(matrix, factors) if kept is None else _leading_left_pair_fits(matrix, factors)
+            fits = _leading_pair_fits(matrix, factors, left=kept is not None)
             if metadata.get("weight_key") != key or not fits:
                 raise ValueError("the entry holds the factors of another weight")
         except (SafetensorError, OSError, KeyError, ValueError) as error:
@@ -350,30 +350,24 @@ class SVDCache:
         atomic_save_safetensors(tensors, path, metadata)
 
 
-def _leading_pair_fits(matrix: torch.Tensor, factors: SpectralFactors, rows: int = 64) -> bool:
-    """W·v₁ = σ₁·u₁ up to the factors' rounding, on the first `rows` rows: a product with a sliver of the weight
-    proves the factors are this weight's (another weight's leading pair misses by O(σ₁) on any rows) without reading
-    the whole weight again, which the key's hash has just done."""
+def _leading_pair_fits(matrix: torch.Tensor, factors: SpectralFactors, left: bool = False, count: int = 64) -> bool:
+    """W·v₁ = σ₁·u₁ on the first `count` rows (`left`: Wᵀ·u₁ = σ₁·v₁ on the first `count` columns), up to the
+    factors' rounding. A product with a sliver of the weight proves the factors are this weight's (another weight's
+    leading pair misses by O(σ₁)) without reading the whole weight again, which the key's hash has just done.
+    Truncated factors satisfy the left identity to round-off even where the randomized sketch has not converged
+    (the right one then need not hold)."""
     if factors.S.numel() == 0:
         return True
-    v = factors.Vh[0].to(device=matrix.device, dtype=torch.float32)
-    u = factors.U[:rows, 0].to(device=matrix.device, dtype=torch.float32)
+    as_float = dict(device=matrix.device, dtype=torch.float32)
+    if left:
+        sliver, probe, image = matrix[:, :count].mT, factors.U[:, 0], factors.Vh[0, :count]
+    else:
+        sliver, probe, image = matrix[:count], factors.Vh[0], factors.U[:count, 0]
+    image = image.to(**as_float)
     sigma = float(factors.S[0])
-    residual = float((matrix[:rows].detach().to(torch.float32) @ v - sigma * u).norm())
-    # float16 factors move W·v₁ and σ₁·u₁ by about 2⁻¹¹·σ₁ each.
-    return residual <= 1e-2 * sigma * max(float(u.norm()), 1e-3) + 1e-6
-
-
-def _leading_left_pair_fits(matrix: torch.Tensor, factors: SpectralFactors, cols: int = 64) -> bool:
-    """Wᵀ·u₁ = σ₁·v₁ on the first `cols` columns: what truncated factors satisfy to round-off even where the
-    randomized sketch has not converged (W·v₁ = σ₁·u₁ then need not hold)."""
-    if factors.S.numel() == 0:
-        return True
-    u = factors.U[:, 0].to(device=matrix.device, dtype=torch.float32)
-    v = factors.Vh[0, :cols].to(device=matrix.device, dtype=torch.float32)
-    sigma = float(factors.S[0])
-    residual = float((matrix[:, :cols].detach().to(torch.float32).mT @ u - sigma * v).norm())
-    return residual <= 1e-2 * sigma * max(float(v.norm()), 1e-3) + 1e-6
+    residual = float((sliver.detach().to(torch.float32) @ probe.to(**as_float) - sigma * image).norm())
+    # float16 factors move both sides by about 2⁻¹¹·σ₁ each.
+    return residual <= 1e-2 * sigma * max(float(image.norm()), 1e-3) + 1e-6
 
 
 def resolve_cache(cache: Union[bool, str, os.PathLike, SVDCache, None]) -> Optional[SVDCache]:

@@ -37,11 +37,8 @@ from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_lay
 from ..tuner.layer import find_spectral_layer
 from ..tuner.model import check_same_truncation
 from ..tuner.targets import (
-    ShiftDoesNotFitError,
     ShiftTarget,
     fit_shifts,
-    module_kind,
-    raw_module,
     resolve_targets,
     uses_factors,
 )
@@ -221,7 +218,7 @@ def load_spectral_shift_into_model(
         raise SpectralShiftFormatError("No spectral shifts to load for this model.")
     check_finite({"": dict(deltas)})
     check_layout(model, deltas)  # before the fit check, whose "no such module" would not name the fix
-    targets = _fit_shifts(model, deltas, config)
+    targets = fit_shifts(model, deltas, config.norm_mode, rank=config.spectral_rank)
     unchecked = [name for name in deltas if name not in (fingerprints or {})]
     if require_fingerprints and unchecked:
         raise SpectralShiftFormatError(
@@ -277,38 +274,6 @@ def load_spectral_shift_into_model(
         raise
     mark_peft_loaded(model)
     guard_layout_changes(model)
-
-
-def _fit_shifts(model: nn.Module, deltas: Mapping[str, torch.Tensor],
-                config: SpectralShiftConfig) -> dict[str, ShiftTarget]:
-    """`targets.fit_shifts`, which knows full-spectrum lengths only, also for a truncated spectrum: a δ with the k'
-    values of a truncated matrix is checked here and stands in for the full length there."""
-    truncation = config.truncated_svd
-    if truncation is None:
-        return fit_shifts(model, deltas, config.norm_mode)
-    stand_ins, problems = dict(deltas), []
-    for name, delta in deltas.items():
-        try:
-            raw = raw_module(model.get_submodule(name))
-        except AttributeError:
-            continue  # fit_shifts names it
-        kind = module_kind(raw)
-        if kind is None or not uses_factors(kind, config.norm_mode):
-            continue
-        shape = weight_matrix(raw.weight).shape
-        if truncation_for(shape, truncation) is None:
-            continue  # k ≥ min(m, n): the full length
-        kept = truncation.kept(*shape)
-        if delta.ndim == 1 and delta.numel() == kept:
-            stand_ins[name] = delta.new_zeros(min(shape))
-        else:
-            problems.append(f"{name}: shift has shape {tuple(delta.shape)}, the module needs ({kept},) with "
-                            f"spectral_rank={truncation.rank}")
-    if problems:
-        raise ShiftDoesNotFitError(
-            f"The spectral shift does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems[:6])
-            + (" ..." if len(problems) > 6 else ""))
-    return fit_shifts(model, stand_ins, config.norm_mode)
 
 
 def _device_available(device_type: str) -> bool:

@@ -191,11 +191,13 @@ def resolve_targets(
 # ------------------------------------------------------------------------------------------- fitting a file
 @dataclass(frozen=True)
 class ShiftTarget:
-    """One module a shift applies to: the raw module, its kind, and whether the shift moves singular values."""
+    """One module a shift applies to: the raw module, its kind, whether the shift moves singular values, and the
+    `spectral_rank` that truncates its spectrum (None: all of it)."""
 
     module: nn.Module
     kind: str
     decomposed: bool
+    rank: Optional[int] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -203,7 +205,7 @@ class ShiftTarget:
 
     @property
     def shift_length(self) -> int:
-        return shift_length(self.module.weight.shape, self.decomposed)
+        return shift_length(self.module.weight.shape, self.decomposed, self.rank)
 
 
 class ShiftDoesNotFitError(SpectralShiftFormatError):
@@ -211,10 +213,12 @@ class ShiftDoesNotFitError(SpectralShiftFormatError):
 
 
 def fit_shifts(
-    model: nn.Module, shifts: Mapping[str, torch.Tensor], norm_mode: str, what: str = "this model"
+    model: nn.Module, shifts: Mapping[str, torch.Tensor], norm_mode: str, what: str = "this model",
+    rank: Optional[int] = None,
 ) -> dict[str, ShiftTarget]:
     """Check that every shift (module path → δ) fits `model` before anything changes: the module exists, can be
-    shifted, and δ is 1-D with one value per singular value (or per element of an elementwise norm weight).
+    shifted, and δ is 1-D with one value per kept singular value (`rank`: the file's `spectral_rank`) or per element
+    of an elementwise norm weight.
 
     Raises `ShiftDoesNotFitError` listing the problems; returns the targets otherwise.
     """
@@ -232,9 +236,11 @@ def fit_shifts(
         if reason is not None:
             problems.append(f"{name}: {reason}")
             continue
-        target = ShiftTarget(raw, kind, uses_factors(kind, norm_mode))
+        target = ShiftTarget(raw, kind, uses_factors(kind, norm_mode), rank)
         if delta.ndim != 1 or delta.numel() != target.shift_length:
-            problems.append(f"{name}: shift has shape {tuple(delta.shape)}, the module needs ({target.shift_length},)")
+            with_rank = f" with spectral_rank={rank}" if rank is not None and target.decomposed else ""
+            problems.append(f"{name}: shift has shape {tuple(delta.shape)}, the module needs "
+                            f"({target.shift_length},){with_rank}")
             continue
         targets[name] = target
     if problems:
