@@ -1,4 +1,5 @@
-"""The GPU benchmark script's CPU smoke run (`benchmarks/gpu.sh --cpu`): every step runs and every number is there.
+"""Smoke runs of the benchmark scripts (`benchmarks/gpu.sh --cpu`, `benchmarks/factor_location.py --smoke`): every
+step runs and every number is there.
 
 The numbers of a 1/24-width model on a CPU mean nothing; benchmarks/results/dit holds the real CPU run and
 benchmarks/results/gpu a GPU run.
@@ -32,3 +33,16 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     assert results["full_svd_total_s"] > 0 and results["flux_dev_extrapolation"]["full_svd_s"] > 0
     table = (tmp_path / "dit.md").read_text()
     assert "cold load of a whole Flux.1-dev, extrapolated" in table and "fused-offloaded vs base" in table
+
+
+def test_factor_location_benchmark_runs_every_location(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "factor_location.py"), "--smoke", "--ranks",
+                             "full", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "factor_location.json").read_text())
+    assert [row["location"] for row in rows] == ["device", "cpu", "disk"]
+    for row in rows:
+        assert row["rank"] is None and row["factor_bytes"] > 0 and row["load_s"] > 0
+        assert row["steady_forward_s"] > 0 and row["base_forward_s"] > 0
+    assert (tmp_path / "factor_location.md").read_text().count("| full |") == 3

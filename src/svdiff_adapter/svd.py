@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_save_safetensors
+from .factor_location import factor_bytes, resolve_factor_locations
 
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class SpectralFactors:
     """Thin SVD of a weight matrix: W ≈ U · diag(S) · Vh, S descending.
 
     `truncation` is set for top-k factors (`truncated_decompose`), with `computed_on`, the device type that computed
-    them (their values depend on it up to round-off); both are None for a full SVD.
+    them (their values depend on it up to round-off); both are None for a full SVD. `location` says where a layer
+    keeps them (`factor_location`: "device", with the weight; "cpu"; "disk", memory-mapped from the SVD cache).
     """
 
     U: torch.Tensor
@@ -127,10 +129,12 @@ class SpectralFactors:
     Vh: torch.Tensor
     truncation: Optional[TruncatedSVD] = None
     computed_on: Optional[str] = None
+    location: str = "device"
 
-    def to(self, device) -> "SpectralFactors":
-        return SpectralFactors(self.U.to(device), self.S.to(device), self.Vh.to(device), self.truncation,
-                               self.computed_on)
+    def to(self, device, location: Optional[str] = None, copy: bool = False) -> "SpectralFactors":
+        return SpectralFactors(self.U.to(device, copy=copy), self.S.to(device, copy=copy),
+                               self.Vh.to(device, copy=copy), self.truncation, self.computed_on,
+                               location or self.location)
 
     @property
     def nbytes(self) -> int:
@@ -252,10 +256,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def weight_key(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE,
-               truncation: Optional[TruncatedSVD] = None) -> str:
+               truncation: Optional[TruncatedSVD] = None, computed_on: Optional[str] = None) -> str:
     """Content key of a weight's factors: a 128-bit xxh3 hash of its bytes, shape and dtype, and the factor dtype;
     for truncated factors also every parameter of the truncation and the device type that computes them (their
-    round-off differs between device types), so full and truncated factors, or two ranks, never share an entry.
+    round-off differs between device types; default: the matrix's), so full and truncated factors, or two ranks,
+    never share an entry.
 
     xxh3 is an order of magnitude faster than sha256, which made hashing the main cost of a cached load; an
     accidental collision between two different weights has probability ~2⁻¹²⁸.
@@ -263,7 +268,7 @@ def weight_key(matrix: torch.Tensor, factor_dtype: torch.dtype = FACTOR_DTYPE,
     digest = xxhash.xxh3_128()
     header = f"{ENGINE_VERSION}|{tuple(matrix.shape)}|{matrix.dtype}|{factor_dtype}"
     if truncation is not None:
-        header += f"|{truncation.key}|{matrix.device.type}"
+        header += f"|{truncation.key}|{computed_on or matrix.device.type}"
     digest.update(header.encode())
     digest.update(_tensor_bytes(matrix))
     return digest.hexdigest()
@@ -341,6 +346,18 @@ class SVDCache:
             return None
         return factors
 
+    def mapped(self, matrix: torch.Tensor, factors: SpectralFactors) -> SpectralFactors:
+        """`factors` of `matrix` as this cache's memory-mapped entry (written first if absent), location "disk"."""
+        key = weight_key(matrix, factors.U.dtype, factors.truncation, factors.computed_on)
+        kept = factors.S.numel() if factors.truncation is not None else None
+        entry = self.get(key, matrix, kept)
+        if entry is None:
+            self.put(key, factors)
+            entry = self.get(key, matrix, kept)
+        if entry is None:
+            raise OSError(f"The SVD cache {self.directory} could not hold the factors.")
+        return SpectralFactors(entry.U, entry.S, entry.Vh, factors.truncation, factors.computed_on, "disk")
+
     def put(self, key: str, factors: SpectralFactors) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,9 +407,14 @@ def compute_factors(
     desc: str = "SVD",
     factor_dtype: Union[torch.dtype, str, None] = None,
     truncation: Optional[TruncatedSVD] = None,
+    factor_location: str = "device",
 ) -> dict[str, SpectralFactors]:
-    """Factors of each matrix (see `weight_matrix`), on the matrix's device, U and Vᵀ in `factor_dtype`
-    (default float16); with a `truncation`, the top-k triplets of `truncated_decompose` wherever k < min(m, n).
+    """Factors of each matrix (see `weight_matrix`), U and Vᵀ in `factor_dtype` (default float16); with a
+    `truncation`, the top-k triplets of `truncated_decompose` wherever k < min(m, n). They are computed on the
+    matrix's device and kept where `factor_location` says (`factor_location.py`): on that device, in CPU memory
+    (each moved there as soon as it is done, so an accelerator holds one matrix's factors, or one group of
+    same-shape matrices decomposed together, at a time) or in the SVD cache's files, memory-mapped. Cache hits are
+    read memory-mapped wherever they are kept on the CPU.
 
     CPU matrices are decomposed by up to 4 worker threads side by side, torch's intra-op threads shared among them
     (one LAPACK thread each on up to 4 cores): gesdd's bidiagonalisation scales poorly across threads, so SVDs side
@@ -407,6 +429,13 @@ def compute_factors(
     factor_dtype = factor_dtype_of(factor_dtype)
     plans = {name: truncation_for(m.shape, truncation) for name, m in matrices.items()}
     svd_cache = resolve_cache(cache)
+    kept = {name: plans[name].kept(*m.shape) if plans[name] else min(m.shape) for name, m in matrices.items()}
+    locations = resolve_factor_locations(
+        factor_location, {name: m.device for name, m in matrices.items()},
+        {name: factor_bytes(m.shape, kept[name], factor_dtype) for name, m in matrices.items()})
+    if svd_cache is None and "disk" in locations.values():
+        raise ValueError("factor_location='disk' keeps the factors in the SVD cache's files, but the cache is off "
+                         "(svd_cache=False or $SVDIFF_SVD_CACHE=0); turn it on or choose 'cpu'.")
     total = sum(m.numel() for m in matrices.values())
     show = progress if progress is not None else total >= _PROGRESS_MIN_ELEMENTS
     results: dict[str, SpectralFactors] = {}
@@ -433,10 +462,23 @@ def compute_factors(
             logger.warning("The SVD cache %s cannot be written (%s); computing without it.", svd_cache.directory,
                            error)
 
+    def placed(name: str, factors: SpectralFactors) -> SpectralFactors:
+        where = locations[name]
+        return factors.to(matrices[name].device if where == "device" else "cpu", where)
+
     def store(name: str, factors: SpectralFactors) -> None:
-        results[name] = factors
-        if io_pool is not None:
+        if locations[name] == "disk":
+            write(keys[name], factors)  # now: the layer keeps the file's pages, not these tensors
+            mapped = None if unwritable else svd_cache.get(keys[name], matrices[name],
+                                                           kept=kept[name] if plans[name] else None)
+            if mapped is None:
+                logger.warning("Factors of %s kept in CPU memory: the SVD cache could not hold them.", name)
+                locations[name] = "cpu"
+            else:
+                factors = SpectralFactors(mapped.U, mapped.S, mapped.Vh, factors.truncation, factors.computed_on)
+        elif io_pool is not None:
             writes.append(io_pool.submit(write, keys[name], factors))
+        results[name] = placed(name, factors)
 
     torch.set_num_threads(max(1, threads // workers))  # per LAPACK call; the workers run side by side
     precision = _full_precision_matmuls() if any(plans.values()) else contextlib.nullcontext()
@@ -447,7 +489,7 @@ def compute_factors(
                 if io_pool is not None:
                     keys[name], cached = lookups[name].result()
                     if cached is not None:
-                        results[name] = cached.to(matrix.device)
+                        results[name] = placed(name, cached)  # read on the CPU, memory-mapped
                         bar.update(matrix.numel())
                         continue
                 if plans[name] is not None and matrix.device.type != "cpu":

@@ -32,7 +32,8 @@ from ..format import (
     save_shift_file,
 )
 from ..spectral import weight_matrix
-from ..svd import SpectralFactors, TruncatedSVD, compute_factors, factor_dtype_of, truncation_for
+from ..factor_location import check_factor_location
+from ..svd import SpectralFactors, TruncatedSVD, compute_factors, factor_dtype_of, resolve_cache, truncation_for
 from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_layers, spectral_layers, svd_options
 from ..tuner.layer import find_spectral_layer
 from ..tuner.model import check_same_truncation
@@ -94,18 +95,21 @@ def add_spectral_shift(
     *,
     svd_cache=None,
     progress: Optional[bool] = None,
+    factor_location: str = "auto",
 ) -> nn.Module:
     """Add a new (trainable) spectral-shift adapter to `model` in place, computing the needed SVDs.
 
-    Same as `peft.inject_adapter_in_model(config, model, adapter_name)` plus the SVD cache/progress options.
+    Same as `peft.inject_adapter_in_model(config, model, adapter_name)` plus the SVD cache/progress options and
+    where new factors are kept (`factor_location`: "auto", "device", "cpu" or "disk"; `svdiff_adapter.factor_location`).
     """
     check_adapter_name(adapter_name)
+    check_factor_location(factor_location)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter name {adapter_name!r} is already in use; choose another name.")
     config = config or SpectralShiftConfig()
     check_layout(model, resolve_targets(model, config))
     try:
-        with svd_options(cache=svd_cache, progress=progress):
+        with svd_options(cache=svd_cache, progress=progress, factor_location=factor_location):
             inject_adapter_in_model(config, model, adapter_name)
     except BaseException:
         remove_spectral_layers(model, [adapter_name])  # PEFT registers the config before injection can fail
@@ -191,13 +195,15 @@ def load_spectral_shift_into_model(
     progress: Optional[bool] = None,
     factor_dtype: Union[torch.dtype, str, None] = None,
     factor_fingerprints: Optional[Mapping[str, list[float]]] = None,
+    factor_location: str = "auto",
 ) -> None:
     """Load shifts (module path → δ) as adapter `adapter_name`. On any error the model is left as it was.
 
     Checks, before touching the model: the name is valid and free, every module exists and can be shifted, every δ
     has the right length and is finite, and the base weights match the fingerprints (wrong base model; with
     `require_fingerprints`, every module must have one). `factor_dtype` (`torch.float16` by default, or
-    `torch.float32`) is the storage dtype of new SVD factors.
+    `torch.float32`) is the storage dtype of new SVD factors, `factor_location` where they are kept
+    (`factor_location.py`: "auto", "device", "cpu" or "disk").
 
     A file's config (a mapping) with `spectral_rank` rebuilds the top-k factors with the file's rank and
     randomized-SVD parameters, never the caller's defaults; their `factor_fingerprints` must then match
@@ -246,7 +252,8 @@ def load_spectral_shift_into_model(
         if name not in existing and target.decomposed
     }
     factors = compute_factors(needs_svd, cache=svd_cache, progress=progress, desc=f"SVD for {adapter_name!r}",
-                              factor_dtype=factor_dtype_of(config.factor_dtype), truncation=truncation)
+                              factor_dtype=factor_dtype_of(config.factor_dtype), truncation=truncation,
+                              factor_location=factor_location)
     if factor_fingerprints and truncated:
         _match_file_factors(targets, existing, factors, dict(factor_fingerprints), truncation, recorded_devices,
                             svd_cache, factor_dtype_of(config.factor_dtype))
@@ -292,7 +299,7 @@ def _match_file_factors(targets: Mapping[str, ShiftTarget], existing: Mapping[st
     A mismatch means the top-k singular vectors came out rotated (near-equal singular values decomposed with other
     round-off: another device type, library or version). The mismatching modules are decomposed again on each device
     type the file recorded that this machine has, then on the CPU, the reference; matching factors replace the ones
-    in `factors` (moved to the weight's device). Factors already held by a layer (shared with loaded adapters) are
+    in `factors` (kept where the first ones were). Factors already held by a layer (shared with loaded adapters) are
     not recomputed.
     """
     def fingerprint_of(name: str) -> list[float]:
@@ -310,14 +317,20 @@ def _match_file_factors(targets: Mapping[str, ShiftTarget], existing: Mapping[st
         retry = [name for name in mismatched if name not in existing and device_type not in tried[name]]
         if not retry or not _device_available(device_type):
             continue
-        again = compute_factors({name: weight_matrix(targets[name].weight).to(device_type) for name in retry},
-                                cache=svd_cache, progress=False, factor_dtype=factor_dtype, truncation=truncation)
+        again = {}
+        for location in dict.fromkeys(factors[name].location for name in retry):  # kept where the first ones were
+            again.update(compute_factors(
+                {name: weight_matrix(targets[name].weight).to(device_type) for name in retry
+                 if factors[name].location == location},
+                cache=svd_cache, progress=False, factor_dtype=factor_dtype, truncation=truncation,
+                factor_location=location))
         still = set(check_factor_fingerprints(
             expected, {name: factor_fingerprint(again[name].U, again[name].Vh) for name in retry}))
         for name in retry:
             tried[name].add(device_type)
             if name not in still:
-                factors[name] = again[name].to(targets[name].weight.device)
+                kept_on = targets[name].weight.device if again[name].location == "device" else "cpu"
+                factors[name] = again[name].to(kept_on)
                 logger.info("Top-%d factors of %s rebuilt on %s to match the file.", truncation.rank, name,
                             device_type)
         mismatched = [name for name in mismatched if name not in retry or name in still]
@@ -345,6 +358,7 @@ def load_spectral_shift_adapter(
     svd_cache=None,
     progress: Optional[bool] = None,
     factor_dtype: Union[torch.dtype, str, None] = None,
+    factor_location: str = "auto",
 ) -> SpectralShiftFile:
     """Load a shift file (v1 or svdiff-pytorch) into a model or `{component: model}`; all or nothing.
 
@@ -354,6 +368,8 @@ def load_spectral_shift_adapter(
         components (*optional*): load only these components of the file; the others are skipped, with a log line
             saying so. By default every component of the file must be given.
         factor_dtype (*optional*): storage dtype of new SVD factors (`torch.float16` default, `torch.float32`).
+        factor_location (*optional*): where new SVD factors are kept between uses: `"auto"` (default), `"device"`,
+            `"cpu"` or `"disk"` (memory-mapped from the SVD cache); see `svdiff_adapter.factor_location`.
 
     A v1 file must carry a fingerprint for every module it shifts; one without (edited by hand, or written by
     another tool) is refused, because nothing could tell a wrong base model. Shifts given as a state dict
@@ -364,6 +380,7 @@ def load_spectral_shift_adapter(
     that differ from the recorded ones (beyond round-off) are retried on the CPU and the recorded device types, then
     refused with `SpectralFactorMismatchError` (a `WrongBaseModelError`) naming the modules.
     """
+    check_factor_location(factor_location)
     shift_file = source if isinstance(source, SpectralShiftFile) else load_shift_file(source)
     wanted = list(shift_file.components) if components is None else list(components)
     unknown = [c for c in wanted if c not in shift_file.components]
@@ -388,7 +405,7 @@ def load_spectral_shift_adapter(
                 given[component], shift_file.deltas[component], shift_file.configs.get(component), adapter_name,
                 fingerprints=shift_file.fingerprints.get(component), require_fingerprints=shift_file.source == "v1",
                 svd_cache=svd_cache, progress=progress, factor_dtype=factor_dtype,
-                factor_fingerprints=shift_file.factor_fingerprints.get(component),
+                factor_fingerprints=shift_file.factor_fingerprints.get(component), factor_location=factor_location,
             )
             loaded.append(component)
     except BaseException:
@@ -419,6 +436,33 @@ def set_spectral_shift_build_dtype(model: nn.Module, dtype: torch.dtype = torch.
     layers = [layer for _, layer in spectral_layers(model) if layer.uses_factors]
     for layer in layers:
         layer.set_build_dtype(dtype)
+    return len(layers)
+
+
+def set_spectral_factor_location(models: ModelOrComponents, location: str, svd_cache=None) -> int:
+    """Keep the SVD factors of every spectral layer of a model (or `{component: model}`) in `location`: `"device"`
+    (with the weight), `"cpu"` or `"disk"` (the SVD cache's file, memory-mapped; written first where missing); see
+    `svdiff_adapter.factor_location` for what each costs. The values do not change, so neither do outputs. All or
+    nothing: an error (e.g. an unwritable cache) leaves every layer as it was. Returns the number of layers."""
+    check_factor_location(location)
+    if location == "auto":
+        raise ValueError("`factor_location='auto'` chooses at load time; here choose 'device', 'cpu' or 'disk'.")
+    cache = resolve_cache(svd_cache) if location == "disk" else None
+    if location == "disk" and cache is None:
+        raise ValueError("factor_location='disk' keeps the factors in the SVD cache's files, but the cache is off; "
+                         "pass `svd_cache=True` or a folder.")
+    layers = [layer for model in components_of(models).values() for _, layer in spectral_layers(model)
+              if layer.uses_factors]
+    moved = []
+    for layer in layers:
+        held = layer.resting_factors()
+        if location == "disk":
+            moved.append(cache.mapped(weight_matrix(layer._unmerged_weight()), held))
+        else:  # off a file's pages into process memory (a copy only where `.to` would keep the mapping)
+            device = layer.base_layer.weight.device if location == "device" else torch.device("cpu")
+            moved.append(held.to(device, location, copy=held.location == "disk" and device.type == "cpu"))
+    for layer, factors in zip(layers, moved):
+        layer.set_factor_location(factors)
     return len(layers)
 
 

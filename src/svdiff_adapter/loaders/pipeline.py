@@ -33,6 +33,7 @@ from .model import (
     check_adapter_name,
     enable_spectral_switch_cache,
     load_spectral_shift_adapter,
+    set_spectral_factor_location,
     set_spectral_shift_build_dtype,
     spectral_adapter_names,
     to_shift_file,
@@ -121,6 +122,7 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         svd_cache=None,
         progress: Optional[bool] = None,
         factor_dtype: Union[torch.dtype, str, None] = None,
+        factor_location: str = "auto",
         **hub_kwargs,
     ) -> str:
         """Load spectral shifts into the denoiser (UNet or transformer(s)) and text encoder(s) as one adapter;
@@ -140,6 +142,10 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
                 bar, see `svdiff_adapter.svd_options`.
             factor_dtype (*optional*): storage dtype of new SVD factors, `torch.float16` (default) or
                 `torch.float32` (twice the memory; see `SpectralShiftConfig.factor_dtype`).
+            factor_location (`str`, defaults to `"auto"`): where new SVD factors are kept between the moments they
+                are used: `"device"` (with the weights), `"cpu"`, `"disk"` (memory-mapped from the SVD cache), or
+                `"auto"`: with the weights unless on an accelerator they would take over half its free memory,
+                then on the CPU. Outputs are the same; docs/performance.md says what each costs.
             hub_kwargs: `weight_name`, `subfolder`, `revision`, `cache_dir`, `force_download`, `local_files_only`,
                 `token`, as in `read_spectral_shift`.
 
@@ -166,7 +172,8 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         active = [n for n in self.get_active_adapters() if n not in spectral_before]
         with offloading_suspended(self):
             load_spectral_shift_adapter(self._spectral_components(), shift_file, adapter_name, svd_cache=svd_cache,
-                                        progress=progress, factor_dtype=factor_dtype)
+                                        progress=progress, factor_dtype=factor_dtype,
+                                        factor_location=factor_location)
         self._activate(active + [adapter_name], holding=adapter_name)
         self._sync_fused_names()
         return adapter_name
@@ -331,6 +338,13 @@ class SpectralShiftLoaderMixin(DiffusersAdapterMethods):
         bfloat16 instructions, ΔW rounded to ~2⁻⁸ relative, W exact). See `set_spectral_shift_build_dtype`."""
         for model in self._models_for(components).values():
             set_spectral_shift_build_dtype(model, dtype)
+
+    def set_spectral_factor_location(self, location: str, components: Optional[list[str]] = None,
+                                     svd_cache=None) -> None:
+        """Keep the SVD factors of the loaded shifts in `location` ("device", "cpu" or "disk", memory-mapped from
+        the SVD cache `svd_cache`); outputs do not change. All or nothing across `components` (default: all). See
+        `load_spectral_shift`'s `factor_location` and `svdiff_adapter.set_spectral_factor_location`."""
+        set_spectral_factor_location(self._models_for(components), location, svd_cache=svd_cache)
 
     def enable_spectral_switch_cache(self, components: Optional[list[str]] = None) -> None:
         """Make `set_adapters` (new weights or a new active set) cheap for spectral shifts, e.g. for interpolation.

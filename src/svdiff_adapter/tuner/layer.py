@@ -34,16 +34,16 @@ from .. import spectral
 from ..svd import SpectralFactors, tensor_digest
 from . import merge_storage
 from .cache import SpectralWeightCache
+from .factor_storage import FACTOR_BUFFERS, SpectralFactorStorage
 
-
-FACTOR_BUFFERS = ("spectral_U", "spectral_S", "spectral_Vh")
 BUILD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class SpectralShiftLayer(nn.Module, BaseTunerLayer):
+class SpectralShiftLayer(SpectralFactorStorage, nn.Module, BaseTunerLayer):
     """Base of all spectral-shift layers; subclasses only say how to run the base op with a given weight.
 
-    It is an `nn.Module` itself (ahead of PEFT's mixin) so that its `forward` and `_apply` are the ones used.
+    It is an `nn.Module` itself (ahead of PEFT's mixin) so that its `forward` and `_apply` (`SpectralFactorStorage`)
+    are the ones used.
     """
 
     adapter_layer_names = ("spectral_delta",)
@@ -70,6 +70,10 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
             self.register_buffer(name, None, persistent=False)
         self.spectral_cache = SpectralWeightCache()
         self._spectral_storage_dtype: Optional[torch.dtype] = None  # set while the factors are upcast for training
+        # Where the factors rest between uses (`factor_location.py`): "device" follows the weight; "cpu" / "disk"
+        # stay on the CPU, and `_resting_factors` holds them while float32 copies on the device train δ.
+        self.spectral_factor_location = getattr(factors, "location", "device")
+        self._resting_factors: Optional[tuple[torch.Tensor, ...]] = None
         # Precision of the U·diag(c)·Vᵀ products that build inference weights (W itself is never rounded).
         self.spectral_build_dtype = torch.float32
         # Set under sequential CPU offload (`offload_spectral_layers`): the layer's tensors stay where they are and
@@ -79,7 +83,7 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.spectral_truncation = getattr(factors, "truncation", None)
         self.spectral_factors_computed_on = getattr(factors, "computed_on", None)
         if factors is not None:
-            device = base_layer.weight.device
+            device = base_layer.weight.device if self.spectral_factor_location == "device" else "cpu"
             self.spectral_U, self.spectral_S, self.spectral_Vh = (t.to(device) for t in (factors.U, factors.S,
                                                                                           factors.Vh))
 
@@ -184,14 +188,6 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         self.spectral_cache.adapter_matrices.pop(adapter_name, None)
         self.spectral_cache.clear()
 
-    def move_factors(self, device: torch.device) -> None:
-        """Move U, σ and Vᵀ (e.g. off the accelerator while none of the layer's adapters is used there)."""
-        if self.uses_factors and self.spectral_S.device != torch.device(device):
-            self.spectral_U, self.spectral_S, self.spectral_Vh = (
-                getattr(self, name).to(device) for name in FACTOR_BUFFERS
-            )
-        self.spectral_cache.clear(adapter_matrices=True)  # rebuilt where the factors are, when used
-
     # ------------------------------------------------------------------------------------------------- math
     def combined_shift(self, adapter_names: list[str]) -> torch.Tensor:
         """Σᵢ wᵢ δᵢ over the given adapters (float32), the quantity that enters the ReLU."""
@@ -201,13 +197,11 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
 
     def delta_from_shift(self, shift: torch.Tensor) -> torch.Tensor:
         """ΔW (float32, the weight's shape) for a combined shift; differentiable w.r.t. the shift."""
-        return spectral.delta_weight(self.spectral_U, self.spectral_S, self.spectral_Vh, shift,
-                                     self.base_layer.weight.shape)
+        return spectral.delta_weight(*self.working_factors(), shift, self.base_layer.weight.shape)
 
     def weight_with_shift(self, base_weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """W + ΔW in the base weight's dtype."""
-        return spectral.shifted_weight(base_weight, self.spectral_U, self.spectral_S, self.spectral_Vh, shift,
-                                       self.spectral_build_dtype)
+        return spectral.shifted_weight(base_weight, *self.working_factors(), shift, self.spectral_build_dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW of one adapter alone at its current scale (float32, the weight's shape)."""
@@ -235,8 +229,9 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
                self.spectral_U.device)
 
         def build() -> torch.Tensor:
+            U, _, Vh = self.working_factors()
             with torch.no_grad():
-                return spectral.factor_product(self.spectral_U, self.spectral_Vh, delta.detach().to(torch.float32),
+                return spectral.factor_product(U, Vh, delta.detach().to(torch.float32),
                                                self.spectral_build_dtype).to(weight.dtype)
 
         return self.spectral_cache.adapter_matrix(adapter, key, build)
@@ -247,11 +242,12 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         fused = spectral.weight_matrix(base_weight).to(torch.float32, copy=True)
         for name in names:
             fused.add_(self._adapter_matrix(name), alpha=self.spectral_scaling[name])
-        clipped_amount = spectral.clipped_amount(self.spectral_S, shift)
+        U, S, Vh = self.working_factors()
+        clipped_amount = spectral.clipped_amount(S, shift)
         clipped = clipped_amount.nonzero().flatten()
         if clipped.numel():
-            fused = spectral.add_factor_product(fused, self.spectral_U, self.spectral_Vh, clipped_amount[clipped],
-                                                self.spectral_build_dtype, clipped)
+            fused = spectral.add_factor_product(fused, U, Vh, clipped_amount[clipped], self.spectral_build_dtype,
+                                                clipped)
         return fused.reshape(base_weight.shape).to(base_weight.dtype)
 
     # ------------------------------------------------------------------------------------ inference weights
@@ -424,35 +420,6 @@ class SpectralShiftLayer(nn.Module, BaseTunerLayer):
         bias = getattr(self.base_layer, "bias", None)
         device = self.spectral_execution_device
         return self.run_base(x, weight.to(device), None if bias is None else bias.to(device))
-
-    def _float32_factors(self, training: bool) -> None:
-        """Hold U and Vᵀ in float32 while δ trains, in their storage dtype otherwise.
-
-        The maths runs in float32 either way; converting float16 factors on every training step cost a copy of all
-        factors in the forward and again in the backward (seconds per step, and float32 copies kept alive for the
-        backward). Both conversions are exact, so the factors come back bit for bit.
-        """
-        if not self.uses_factors:
-            return
-        if training and self.spectral_U.dtype != torch.float32:
-            self._spectral_storage_dtype = self.spectral_U.dtype
-            self.spectral_U, self.spectral_Vh = self.spectral_U.float(), self.spectral_Vh.float()
-        elif not training and self._spectral_storage_dtype is not None:
-            dtype, self._spectral_storage_dtype = self._spectral_storage_dtype, None
-            self.spectral_U, self.spectral_Vh = self.spectral_U.to(dtype), self.spectral_Vh.to(dtype)
-
-    def _apply(self, fn, recurse=True):
-        # Factors follow device moves but keep their storage dtype: `.half()`/`.to(bf16)` would throw away precision
-        # and `.float()` would double their memory. Probe the target device with an empty tensor.
-        self.spectral_cache.clear(adapter_matrices=True)  # rebuilt on the new device/dtype at the next forward
-        factors = {name: self._buffers[name] for name in FACTOR_BUFFERS if self._buffers.get(name) is not None}
-        for name in factors:
-            self._buffers[name] = None
-        result = super()._apply(fn, recurse)
-        for name, tensor in factors.items():
-            device = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
-            self._buffers[name] = tensor.to(device)
-        return result
 
 
 def _check_finite_scale(scale, what: str) -> None:

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
 from torch import nn
 
+from ..factor_location import check_factor_location
 from ..spectral import weight_matrix
 from ..svd import SpectralFactors, SVDCache, compute_factors, factor_dtype_of, truncation_for
 from .config import SpectralShiftConfig
@@ -28,6 +29,7 @@ def svd_options(
     progress: Optional[bool] = None,
     factors: Optional[Mapping[str, SpectralFactors]] = None,
     targets: Optional[Mapping[str, nn.Module]] = None,
+    factor_location: str = "auto",
 ) -> Iterator[None]:
     """Options for the SVDs that adapter injection computes (PEFT's functions take no such arguments).
 
@@ -37,9 +39,13 @@ def svd_options(
         factors: factors already computed, by module name (e.g. by a loader that checked fingerprints).
         targets: module name → raw module, already checked by a loader (`targets.fit_shifts`); injection from a
             state dict then shifts exactly these modules without matching them again.
+        factor_location: where new factors are kept between uses, "auto", "device", "cpu" or "disk"
+            (`svdiff_adapter.factor_location`).
     """
+    check_factor_location(factor_location)
     token = _SVD_OPTIONS.set({"cache": cache, "progress": progress, "factors": dict(factors or {}),
-                              "targets": None if targets is None else dict(targets)})
+                              "targets": None if targets is None else dict(targets),
+                              "factor_location": factor_location})
     try:
         yield
     finally:
@@ -108,7 +114,8 @@ class SpectralShiftModel(BaseTuner):
         given = options.get("factors", {})
         to_compute = {name: weight_matrix(raw.weight) for name, raw in needed.items() if name not in given}
         computed = compute_factors(to_compute, cache=options.get("cache"), progress=options.get("progress"),
-                                   desc=f"SVD for {adapter_name!r}", factor_dtype=factor_dtype, truncation=truncation)
+                                   desc=f"SVD for {adapter_name!r}", factor_dtype=factor_dtype, truncation=truncation,
+                                   factor_location=options.get("factor_location", "auto"))
         self._spectral_factors = {name: given.get(name) or computed.get(name) for name in needed}
         self._spectral_targets = set(targets)
         self._spectral_injecting = True
