@@ -347,6 +347,40 @@ def _run_edit(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- app
+@register_subcommand("app")
+def _add_app(subparsers):
+    parser = subparsers.add_parser("app", help="A web app to look at shifts: compose, interpolate, train, edit "
+                                               "(docs/app.md; needs the app extra, Gradio).")
+    parser.add_argument("--model", help="pipeline folder or Hub id (default: the bundled toy world, offline)")
+    parser.add_argument("--shift", action="append", default=[], metavar="SOURCE",
+                        help="a shift to load at start (folder, file or Hub id; repeat for several; default for the "
+                             "toy world: its shipped dotted-square shift)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    parser.add_argument("--work-dir", help="where training runs and edits are written (default: a temporary folder)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available; the toy world: cpu)")
+    parser.set_defaults(handler=_run_app)
+    return parser
+
+
+def _run_app(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("svdiff app needs Gradio: pip install 'svdiff-adapter[app]'.") from None
+    from svdiff_adapter.app import TOY_PROMPT, open_studio
+    from svdiff_adapter.app.ui import launch
+
+    studio = open_studio(args.model, args.shift, work_dir=args.work_dir, device=args.device)
+    print(f"svdiff app: serving {args.model or 'the bundled toy world'} with {studio.shifts or 'no shift'} on "
+          f"http://{args.host}:{args.port}", file=sys.stderr)
+    launch(studio, host=args.host, port=args.port, share=args.share,
+           default_prompt=TOY_PROMPT if args.model is None else "")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdiff", description="Tools for SVDiff spectral-shift files.")

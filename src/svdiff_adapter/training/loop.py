@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -87,11 +87,14 @@ def _step_generator(seed: Optional[int], process_index: int, micro_step: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train spectral shifts; returns a summary (paths, steps, last losses). See docs/training.md.
 
     Raises `ValueError` for options out of range before anything is loaded, and `TrainingInterrupted` (a
-    `KeyboardInterrupt`) after Ctrl-C, once the checkpoint of the last completed step is saved.
+    `KeyboardInterrupt`) after Ctrl-C, once the checkpoint of the last completed step is saved. `step_callback(step,
+    logs)` is called after every completed step (and its validation) with the step's losses and learning rate (a
+    progress display); a `KeyboardInterrupt` raised from it stops the run as Ctrl-C does, with a checkpoint of that
+    step.
     """
     check_train_arguments(args)
     from accelerate import Accelerator
@@ -238,6 +241,8 @@ def train(args: argparse.Namespace) -> dict:
                 if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
                     if accelerator.is_main_process:
                         run_validation(args, accelerator, models, frozen, global_step)
+                if step_callback is not None:
+                    step_callback(global_step, logs)
     except KeyboardInterrupt as error:
         progress.close()  # ends the bar's line, so what follows is not printed onto it
         saved = None
