@@ -145,11 +145,19 @@ def test_loading_files_that_are_not_shifts_says_why(studio, tmp_path):
         assert_pipeline_unchanged(studio, before)
 
 
-def test_load_and_unload_change_the_shared_list(studio):
+def test_load_and_unload_change_the_shared_list(studio, tmp_path):
     name = studio.load(SHIPPED, "again")
     assert name == "again" and studio.shifts[-1] == "again"
     studio.unload("again")
     assert studio.shifts == ["dotted_square", "reversed"]
+    # Default names: a folder's name, a file's stem, the folder of a file with the default name; never one in use.
+    upload = tmp_path / "upload-1234" / "my dog.safetensors"
+    upload.parent.mkdir()
+    upload.write_bytes((SHIPPED / sa.DEFAULT_WEIGHT_NAME).read_bytes())
+    assert studio.load(upload) == "my_dog"
+    assert studio.load(SHIPPED / sa.DEFAULT_WEIGHT_NAME) == "dotted_square_2"
+    for name in ("my_dog", "dotted_square_2"):
+        studio.unload(name)
 
 
 def test_the_page_turns_errors_into_messages(studio):

@@ -79,10 +79,11 @@ def training_data(out: Path, subject: Subject, seed: int, with_prior: bool) -> D
                           class_images=class_images or None)
 
 
-def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_weight: float = 0.0) -> dict:
+def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_weight: float = 0.0,
+          prior_loss_weight: float = 1.0, weight_decay: float = 1e-2) -> dict:
     """Train `spec` on batches `data.sample(BATCH, generator)`; `unmix_weight` > 0 adds the unmix regularisation
-    on the batches' Cut-Mix samples."""
-    prepared = prepare(spec, pipe)
+    on the batches' Cut-Mix samples; `prior_loss_weight` is λ, `weight_decay` AdamW's."""
+    prepared = prepare(spec, pipe, weight_decay=weight_decay)
     frozen = Frozen(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                     noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
     store = None
@@ -97,7 +98,7 @@ def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_wei
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         loss, parts = training_loss(pipe.unet, frozen, data.sample(BATCH, generator), generator,
                                     train_text_encoder=spec.train_text_encoder, unmix_weight=unmix_weight,
-                                    store=store)
+                                    store=store, prior_loss_weight=prior_loss_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prepared.parameters, 1.0)
         prepared.optimizer.step()

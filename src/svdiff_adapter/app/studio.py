@@ -132,8 +132,14 @@ class ShiftStudio:
                 raise AppInputError(f"Could not load {source}: {error}") from None
 
     def _default_name(self, source: str) -> str:
+        """The file's stem, or its folder's name for the default file name ("dog/spectral_shift_weights...")."""
+        from ..format import DEFAULT_WEIGHT_NAME
+
         path = Path(source)
-        stem = path.parent.name if path.suffix == ".safetensors" else path.name
+        if path.suffix == ".safetensors":
+            stem = path.parent.name if path.name == DEFAULT_WEIGHT_NAME else path.stem
+        else:
+            stem = path.name
         base = "".join(c if c.isalnum() or c in "_-" else "_" for c in stem).lstrip("_") or "shift"
         name, index = base, 2
         while name in self.shifts:

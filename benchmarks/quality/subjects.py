@@ -1,0 +1,212 @@
+"""Multi-subject phase of the quality benchmark (docs/quality.md, "Across subjects"): every method on six subjects,
+three of them kept out of every tuning decision, several seeds, 16 samples per background.
+
+    python benchmarks/quality/subjects.py --out .bench/quality --worker 0 --workers 2 &   # two processes, one
+    python benchmarks/quality/subjects.py --out .bench/quality --worker 1 --workers 2     # thread each
+    python benchmarks/quality/subjects.py --out .bench/quality --report                   # the tables
+
+Subjects: the world's three registered ones (the **tuning set**: the recipe and the learning rates were chosen on
+the split circle) and three colour variants of the same (shape, pattern) pairs, which the base model never drew
+either (the **held-out set**, never used to choose anything). Colours of the held-out set avoid blue and green so
+that the held-out blue and green backgrounds cannot hide half of the subject.
+
+Training and scores are run.py's (the same loop, data recipe, prior images and judge): trained on white, black and
+gray; judged on all five backgrounds (16 samples each), on 40 fixed ordinary prompts (drift), and on 16 samples of
+the class prompt (leakage). Each run writes ``<out>/subjects/<id>.json`` and is skipped when it exists (resumable);
+runs go seed by seed, so an interrupted benchmark has whole seeds. A run is claimed by the process that runs it
+(``<id>.claim``), so workers can be added at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+from methods import MethodSpec  # noqa: E402
+
+from svdiff_adapter import toyworld as tw  # noqa: E402
+from svdiff_adapter.toyworld.evaluate import evaluate_prompts  # noqa: E402
+from svdiff_adapter.toyworld.personalize import leakage, subject_scores  # noqa: E402
+from svdiff_adapter.toyworld.world import Subject  # noqa: E402
+
+TUNING = tuple(tw.SUBJECTS[name] for name in ("striped_star", "dotted_square", "split_circle"))
+HELD_OUT = (Subject("striped_star_cm", shape="star", pattern="stripes", colors=("cyan", "magenta")),
+            Subject("dotted_square_rc", shape="square", pattern="dots", colors=("red", "cyan")),
+            Subject("split_circle_yr", shape="circle", pattern="split", colors=("yellow", "red")))
+SEEDS = (0, 1, 2)
+PER_BACKGROUND, DRIFT_PROMPTS, LEAKAGE_SAMPLES = 16, 40, 16
+HELD_OUT_BACKGROUNDS = ("blue", "green")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method and how it trains: `spec` plus the prior weight λ and AdamW's weight decay (run.train)."""
+
+    spec: MethodSpec
+    prior_loss_weight: float = 1.0
+    weight_decay: float = 1e-2
+    tag: str = ""  # names an ablation of the recipe; empty for a method at its defaults
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + (f" [{self.tag}]" if self.tag else "")
+
+    @property
+    def slug(self) -> str:
+        return self.spec.slug + (f"-{self.tag}" if self.tag else "")
+
+
+# Each method at the rate the single-subject sweep chose (run.py's SWEEPS on the split circle, docs/quality.md).
+METHODS = (Variant(MethodSpec("spectral", 2e-2)), Variant(MethodSpec("lora", 3e-3, rank=4)),
+           Variant(MethodSpec("lora", 3e-3, rank=16)), Variant(MethodSpec("full", 2e-4)))
+# Ablations of the shift recipe, measured on one seed first: a stronger prior, a trust region (AdamW decays δ by
+# lr·wd per step: 0.1 pulls it back by a factor e^(-1.2) over 600 steps), a smaller step.
+ABLATIONS = (Variant(MethodSpec("spectral", 2e-2), prior_loss_weight=2.0, tag="prior2"),
+             Variant(MethodSpec("spectral", 2e-2), weight_decay=0.1, tag="wd0.1"),
+             Variant(MethodSpec("spectral", 1e-2), tag="lr1e-2"))
+
+
+def run_id(subject: Subject, variant: Variant, seed: int) -> str:
+    return f"{subject.name}-{variant.slug}-s{seed}"
+
+
+def plan(seeds, ablation_seeds) -> list[tuple[Subject, Variant, int]]:
+    """Seed by seed: the methods, then the ablations (on `ablation_seeds`)."""
+    runs = []
+    for seed in seeds:
+        variants = METHODS + (ABLATIONS if seed in ablation_seeds else ())
+        runs += [(subject, variant, seed) for variant in variants for subject in TUNING + HELD_OUT]
+    return runs
+
+
+def evaluate(pipe, subject: Subject, judge) -> dict:
+    sampling = tw.recommended_sampling()
+    with torch.no_grad():
+        scores = subject_scores(pipe, subject, per_background=PER_BACKGROUND, judge=judge)
+        scores["leakage"] = leakage(pipe, subject, samples=LEAKAGE_SAMPLES, judge=judge)
+        drift = evaluate_prompts(pipe, judge, n=DRIFT_PROMPTS, seed=2024, batch_size=DRIFT_PROMPTS, **sampling)
+    scores["ordinary_prompts_correct"] = drift["all"]
+    return scores
+
+
+def claim(path: Path) -> bool:
+    """Take a run for this process (a `.claim` file made exclusively), so that workers started at any time never
+    run the same one; a claim of a killed worker must be deleted by hand."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def run_one(out: Path, judge, subject: Subject, variant: Variant, seed: int, steps: int) -> None:
+    path = out / "subjects" / f"{run_id(subject, variant, seed)}.json"
+    if path.exists() or not claim(path):
+        return
+    print(f"== {path.stem}", flush=True)
+    data = run.training_data(out, subject, seed, with_prior=True)
+    torch.manual_seed(seed)  # LoRA's gaussian init
+    pipe = tw.load_toyworld_pipeline()
+    result = {"subject": subject.name, "set": "tuning" if subject in TUNING else "held-out",
+              "method": variant.label, "slug": variant.slug, "seed": seed, "steps": steps,
+              "prior_loss_weight": variant.prior_loss_weight, "weight_decay": variant.weight_decay,
+              "started": time.strftime("%Y-%m-%d %H:%M")}
+    result.update(run.train(pipe, variant.spec, data, seed, steps, prior_loss_weight=variant.prior_loss_weight,
+                            weight_decay=variant.weight_decay))
+    result.update(evaluate(pipe, subject, judge))
+    run.write_json(path, result)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _mean(values) -> float:
+    values = list(values)
+    return 100 * statistics.fmean(values) if values else float("nan")
+
+
+def summary(rows: list[dict]) -> dict:
+    trained = [bg for bg in tw.BACKGROUNDS if bg not in HELD_OUT_BACKGROUNDS]
+    return {
+        "trained": _mean(statistics.fmean(r["subject_and_background"][bg] for bg in trained) for r in rows),
+        **{bg: _mean(r["subject_and_background"][bg] for r in rows) for bg in HELD_OUT_BACKGROUNDS},
+        "ordinary": _mean(r["ordinary_prompts_correct"] for r in rows),
+        "leakage": _mean(r["leakage"] for r in rows),
+        "runs": len(rows),
+        "params": rows[0]["trainable_parameters"] if rows else 0,
+    }
+
+
+def report(out: Path, command: str) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted((out / "subjects").glob("*.json"))]
+    base = json.loads((out / "runs" / "base.json").read_text()) if (out / "runs" / "base.json").exists() else None
+    lines = ["# Quality across subjects (generated by benchmarks/quality/subjects.py --report)", "",
+             f"Command: `{command}`. Rates in %: subject + requested background, mean over the trained backgrounds "
+             "(white, black, gray) and on each held-out one; ordinary prompts right (drift: 40 fixed prompts"
+             + (f", base model {100 * base['ordinary_prompts_correct']:.0f} %" if base else "")
+             + "); leakage of the class prompt. 16 samples per background and run.", ""]
+    labels = [variant.label for variant in METHODS + ABLATIONS]
+    for title, subjects in (("Tuning set", TUNING), ("Held-out set (no tuning decision saw these)", HELD_OUT)):
+        lines += [f"## {title}", "", "| subject | method | seeds | subject + bg, trained | blue | green | ordinary "
+                  "prompts | leakage |", "|---|---|---|---|---|---|---|---|"]
+        for subject in subjects:
+            for label in labels:
+                chosen = [r for r in rows if r["subject"] == subject.name and r["method"] == label]
+                if chosen:
+                    s = summary(chosen)
+                    lines.append(f"| {subject.name} | {label} | {s['runs']} | {s['trained']:.0f} | {s['blue']:.0f} "
+                                 f"| {s['green']:.0f} | {s['ordinary']:.0f} | {s['leakage']:.0f} |")
+        lines += ["", f"Means over the {title.split(' (')[0].lower()}:", "",
+                  "| method | runs | subject + bg, trained | blue | green | ordinary prompts | leakage | trainable |",
+                  "|---|---|---|---|---|---|---|---|"]
+        names = {subject.name for subject in subjects}
+        for label in labels:
+            chosen = [r for r in rows if r["subject"] in names and r["method"] == label]
+            if chosen:
+                s = summary(chosen)
+                lines.append(f"| {label} | {s['runs']} | {s['trained']:.0f} | {s['blue']:.0f} | {s['green']:.0f} "
+                             f"| {s['ordinary']:.0f} | {s['leakage']:.0f} | {s['params']:,} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(".bench/quality"))
+    parser.add_argument("--worker", type=int, default=0, help="this process's starting share: index ...")
+    parser.add_argument("--workers", type=int, default=1, help="... out of this many processes (runs are claimed, "
+                                                               "so any number of workers can run at once)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--steps", type=int, default=run.STEPS)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="write benchmarks/results/quality_subjects.md")
+    args = parser.parse_args()
+    if args.report:
+        text = report(args.out, " ".join(["python", *sys.argv]))
+        (REPO / "benchmarks" / "results" / "quality_subjects.md").write_text(text)
+        print(text)
+        return
+    torch.set_num_threads(args.threads)
+    judge = tw.load_judge()
+    if args.worker == 0:
+        run.run_base(args.out, judge)  # the base model's drift score (one process writes it)
+    runs = plan(args.seeds, args.ablation_seeds)
+    # Each worker starts at its own offset and takes any run not claimed yet.
+    for subject, variant, seed in runs[args.worker::args.workers] + runs:
+        run_one(args.out, judge, subject, variant, seed, args.steps)
+
+
+if __name__ == "__main__":
+    main()
