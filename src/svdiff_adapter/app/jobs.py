@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .studio import AppInputError, ShiftStudio, _finite, _integer, check_prompt, load_uploaded_image
+from .studio import AppInputError, ShiftStudio, check_prompt, finite_number, load_uploaded_image, whole_number
 
 MAX_TRAIN_STEPS = 5000
 MAX_TRAIN_IMAGES = 64
@@ -64,15 +64,15 @@ class TrainingJob:
         if len(images) > MAX_TRAIN_IMAGES:
             raise AppInputError(f"At most {MAX_TRAIN_IMAGES} images per run, got {len(images)}.")
         self.pictures = [load_uploaded_image(image) for image in images]
-        self.steps = _integer(steps, "Training steps", 1, MAX_TRAIN_STEPS)
-        self.learning_rate = studio.learning_rate if learning_rate in (None, "") else _finite(
+        self.steps = whole_number(steps, "Training steps", 1, MAX_TRAIN_STEPS)
+        self.learning_rate = studio.learning_rate if learning_rate in (None, "") else finite_number(
             learning_rate, "The learning rate", 1e-7, 1.0)
         self.class_prompt = check_prompt(class_prompt, "The class prompt") if prior_preservation else None
-        self.num_class_images = _integer(num_class_images, "Class images", 1, 1000)
+        self.num_class_images = whole_number(num_class_images, "Class images", 1, 1000)
         # A validation image four times per run unless told otherwise (0: never).
-        self.validation_every = max(1, self.steps // 4) if validation_every is None else _integer(
+        self.validation_every = max(1, self.steps // 4) if validation_every is None else whole_number(
             validation_every, "Validate every", 0, MAX_TRAIN_STEPS)
-        self.seed = _integer(seed, "The seed", 0, 2**31 - 1)
+        self.seed = whole_number(seed, "The seed", 0, 2**31 - 1)
         self.train_text_encoder = bool(train_text_encoder)
         self.studio, self.name = studio, name
         self.folder = studio.work_dir / "training" / name

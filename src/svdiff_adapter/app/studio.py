@@ -42,7 +42,8 @@ class Limits:
     max_guidance: float = 30.0
 
 
-def _finite(value, what: str, low: float, high: float) -> float:
+def finite_number(value, what: str, low: float, high: float) -> float:
+    """`value` as a float in [low, high], or `AppInputError` naming `what` (NaN, inf, text and None included)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -54,8 +55,9 @@ def _finite(value, what: str, low: float, high: float) -> float:
     return number
 
 
-def _integer(value, what: str, low: int, high: int) -> int:
-    number = _finite(value, what, low, high)
+def whole_number(value, what: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high] (2.0 is accepted, 2.5 is not), or `AppInputError` naming `what`."""
+    number = finite_number(value, what, low, high)
     if number != int(number):
         raise AppInputError(f"{what} should be a whole number, got {value!r}.")
     return int(number)
@@ -163,7 +165,7 @@ class ShiftStudio:
             raise AppInputError(f"No shift named {unknown[0]!r} is loaded (loaded: {loaded}); it may have been "
                                 "unloaded from another page: reload the page.")
         limit = self.limits.max_weight
-        checked = {name: _finite(weights.get(name, 0.0), f"The weight of {name!r}", -limit, limit)
+        checked = {name: finite_number(weights.get(name, 0.0), f"The weight of {name!r}", -limit, limit)
                    for name in loaded}
         if block_weights and not self.has_blocks:
             raise AppInputError("Per-block weights are for UNet pipelines; this pipeline has none.")
@@ -171,7 +173,7 @@ class ShiftStudio:
             bad = [block for block in blocks if block not in BLOCKS]
             if bad:
                 raise AppInputError(f"Blocks are {list(BLOCKS)}, got {bad}.")
-            multipliers = {block: _finite(blocks.get(block, 1.0), f"The {block}-block weight of {name!r}", -limit,
+            multipliers = {block: finite_number(blocks.get(block, 1.0), f"The {block}-block weight of {name!r}", -limit,
                                           limit) for block in BLOCKS}
             if any(value != 1.0 for value in multipliers.values()):
                 weight = checked[name]
@@ -187,15 +189,15 @@ class ShiftStudio:
     # ------------------------------------------------------------------------------------------ generation
     def check_sampling(self, *, seed=0, steps=None, guidance=None, num_images=1, size=None) -> dict:
         limits = self.limits
-        size = self.native_size if size in (None, "", 0) else _integer(size, "The image size", 8, limits.max_size)
+        size = self.native_size if size in (None, "", 0) else whole_number(size, "The image size", 8, limits.max_size)
         if size % 8:
             raise AppInputError(f"The image size should be a multiple of 8, got {size}.")
         return dict(
-            seed=_integer(seed, "The seed", 0, MAX_SEED),
-            steps=self.default_steps if steps in (None, "") else _integer(steps, "Steps", 1, limits.max_steps),
-            guidance=self.default_guidance if guidance in (None, "") else _finite(
+            seed=whole_number(seed, "The seed", 0, MAX_SEED),
+            steps=self.default_steps if steps in (None, "") else whole_number(steps, "Steps", 1, limits.max_steps),
+            guidance=self.default_guidance if guidance in (None, "") else finite_number(
                 guidance, "The guidance scale", 0.0, limits.max_guidance),
-            num_images=_integer(num_images, "The number of images", 1, limits.max_images),
+            num_images=whole_number(num_images, "The number of images", 1, limits.max_images),
             size=size,
         )
 
@@ -222,7 +224,7 @@ class ShiftStudio:
         """(α, image) for α from 0 to 1: weights 1 − α for `first` and α for `second` (other shifts 0), one image
         each, the same seed for all. The switch cache makes each step a linear rebuild (docs/pipelines.md)."""
         prompt = check_prompt(prompt)
-        count = _integer(count, "The number of strip images", 2, self.limits.max_strip)
+        count = whole_number(count, "The number of strip images", 2, self.limits.max_strip)
         options = {**self.check_sampling(**sampling), "num_images": 1}
         with self.lock:
             loaded = self.shifts
@@ -256,11 +258,11 @@ class ShiftStudio:
         targets = [check_prompt(t, "A target prompt") for t in targets if isinstance(t, str) and t.strip()]
         if not targets:
             raise AppInputError("Give at least one target prompt (one per line).")
-        train_steps = _integer(train_steps, "Fine-tuning steps", 0, 1000)
-        learning_rate = self.learning_rate if learning_rate in (None, "") else _finite(
+        train_steps = whole_number(train_steps, "Fine-tuning steps", 0, 1000)
+        learning_rate = self.learning_rate if learning_rate in (None, "") else finite_number(
             learning_rate, "The learning rate", 1e-7, 1.0)
         if slerp_alpha not in (None, ""):
-            slerp_alpha = _finite(slerp_alpha, "The slerp α", 0.0, 1.0)
+            slerp_alpha = finite_number(slerp_alpha, "The slerp α", 0.0, 1.0)
         else:
             slerp_alpha = None
         options = self.check_sampling(seed=seed, steps=steps, guidance=guidance)
