@@ -15,7 +15,10 @@ float32 weights, a shift on every Linear. Each (rank, location) runs in its own 
   process before the load.
 
 On a CPU "device" and "cpu" are the same memory (the rows show the noise); the difference that a CPU can show is
-"disk": the factors become clean file pages the kernel may drop and read again, instead of process memory.
+"disk": the factors become clean file pages the kernel may drop and read again, instead of process memory. With
+`--device cuda` (benchmarks/gpu.sh) the model is bfloat16 on the GPU and the table adds the device memory after the
+load and the device peak from the first forward on: what "cpu" and "disk" keep off the accelerator, and what their
+copy per rebuild costs in time.
 """
 
 from __future__ import annotations
@@ -51,13 +54,15 @@ def flux_of_width(heads: int, double: int, single: int, smoke: bool):
                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
-def memory_now() -> dict:
-    """Process memory and file-backed resident pages, bytes (/proc/self/status)."""
+def memory_now(device: torch.device) -> dict:
+    """Process memory and file-backed resident pages (/proc/self/status), and the accelerator's allocated memory,
+    bytes."""
     from procmem import status_bytes
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return {"anon": status_bytes("RssAnon"), "file": status_bytes("RssFile")}
+    on_device = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return {"anon": status_bytes("RssAnon"), "file": status_bytes("RssFile"), "device": on_device}
 
 
 def warm_up_code_pages() -> None:
@@ -73,9 +78,14 @@ def warm_up_code_pages() -> None:
 
 
 def forward_seconds(model, inputs) -> float:
+    from dit import synchronize
+
+    device = next(model.parameters()).device
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         model(**inputs)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -86,27 +96,32 @@ def measure_child(args) -> dict:
 
     from dit import flux_inputs
 
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.manual_seed(0)
-    model = flux_of_width(args.heads, args.double, args.single, args.smoke).eval()
-    inputs = flux_inputs(model, args.tokens, args.text_tokens, torch.device("cpu"), torch.float32)
+    model = flux_of_width(args.heads, args.double, args.single, args.smoke).eval().to(device, dtype)
+    inputs = flux_inputs(model, args.tokens, args.text_tokens, device, dtype)
     base_forward = statistics.median(forward_seconds(model, inputs) for _ in range(args.repeats + 1))
     warm_up_code_pages()
-    before = memory_now()
+    before = memory_now(device)
     start = time.perf_counter()
     sa.load_spectral_shift_adapter({"transformer": model}, args.shift_file, "bench", svd_cache=args.cache_dir,
                                    factor_location=args.location)
     load = time.perf_counter() - start
-    loaded = memory_now()
+    loaded = memory_now(device)
     layers = [layer for _, layer in spectral_layers(model) if layer.uses_factors]
     assert all(layer.spectral_factor_location == args.location for layer in layers)
     factor_bytes = sum(t.numel() * t.element_size() for layer in layers
                        for t in (layer.spectral_U, layer.spectral_S, layer.spectral_Vh))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     first = forward_seconds(model, inputs)
-    built = memory_now()
+    built = memory_now(device)
     model.set_adapters(["bench"], weights=[0.5])
     reweighted = forward_seconds(model, inputs)
     steady = statistics.median(forward_seconds(model, inputs) for _ in range(args.repeats))
-    return {
+    peak = torch.cuda.max_memory_allocated(device) - before["device"] if device.type == "cuda" else 0
+    return {"device": str(device), "device_peak_bytes": peak,
         "rank": args.rank, "location": args.location, "factor_bytes": factor_bytes,
         "weight_bytes": sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
                             for layer in layers),
@@ -127,18 +142,22 @@ def make_shift_file(args, rank, folder: Path) -> Path:
 
 def markdown(rows, command: str) -> str:
     mib = 2 ** 20
+    on_device = any(row["device"] != "cpu" for row in rows)
+    device_header = " device memory after load | device peak from first forward on |" if on_device else ""
     lines = [f"Command: `{command}`", "",
              "| rank | location | factors | factors / shifted weights | process memory after load | file pages after "
-             "load | process memory after first forward | cold load | first forward (builds W_δ) | forward after "
-             "set_adapters | steady forward / base |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "load | process memory after first forward |" + device_header + " cold load | first forward (builds "
+             "W_δ) | forward after set_adapters | steady forward / base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if on_device else "")]
     for row in rows:
+        device_cells = (f" {row['after_load']['device'] / mib:.0f} MiB | {row['device_peak_bytes'] / mib:.0f} MiB |"
+                        if on_device else "")
         lines.append(
             f"| {row['rank'] or 'full'} | {row['location']} | {row['factor_bytes'] / mib:.0f} MiB "
             f"| {row['factor_bytes'] / row['weight_bytes']:.3f} | {row['after_load']['anon'] / mib:.0f} MiB "
             f"| {row['after_load']['file'] / mib:.0f} MiB | {row['after_first_forward']['anon'] / mib:.0f} MiB "
-            f"| {row['load_s']:.2f} s | {row['first_forward_s']:.2f} s | {row['reweighted_forward_s']:.2f} s "
-            f"| {row['steady_forward_s'] / row['base_forward_s']:.3f} |")
+            f"|{device_cells} {row['load_s']:.2f} s | {row['first_forward_s']:.2f} s "
+            f"| {row['reweighted_forward_s']:.2f} s | {row['steady_forward_s'] / row['base_forward_s']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,6 +171,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a bfloat16 model)")
     parser.add_argument("--smoke", action="store_true", help="1/24 of the width: checks the script, not the numbers")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "factor_location")
     parser.add_argument("--location", choices=LOCATIONS, help=argparse.SUPPRESS)  # child process
@@ -166,7 +186,7 @@ def main() -> None:
     rows = []
     shared = ["--heads", str(args.heads), "--double", str(args.double), "--single", str(args.single),
               "--repeats", str(args.repeats), "--threads", str(args.threads), "--tokens", str(args.tokens),
-              "--text-tokens", str(args.text_tokens)] + (["--smoke"] if args.smoke else [])
+              "--text-tokens", str(args.text_tokens), "--device", args.device] + (["--smoke"] if args.smoke else [])
     with tempfile.TemporaryDirectory(prefix="svdiff-factor-location-") as work:
         for rank in [None if r == "full" else int(r) for r in args.ranks]:
             path = make_shift_file(args, rank, Path(work))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run, <= 8 minutes on one H200-class GPU: SVD times (full and truncated, float32 on the device) for a
-# Flux-shaped transformer, bf16 forwards with and without shifts (unfused, fused), load and build times, peak memory.
-# Results: benchmarks/results/gpu/ (dit.json, dit.log). `--cpu` runs the same steps on a 1/24-width model on the CPU
+# Flux-shaped transformer, bf16 forwards with and without shifts (unfused, fused), load and build times, peak memory;
+# then what each factor_location costs on the device. Results: benchmarks/results/gpu/ (dit.json, dit.log,
+# factor_location.json, factor_location.log). `--cpu` runs the same steps on a 1/24-width model on the CPU
 # (a smoke test of the script, tests/test_benchmarks.py; numbers meaningless).
 #
 # The GPU machine has torch but not diffusers: carry its wheel (pure Python) and this package's source:
@@ -20,4 +21,11 @@ else
 fi
 mkdir -p "$out"
 "$PYTHON" benchmarks/dit.py "${args[@]}" --out "$out" 2>&1 | tee "$out/dit.log"
+# Where the factors live: device memory and rebuild time with the factors on the GPU, in CPU memory, mapped from disk.
+if [ "${1:-}" = "--cpu" ]; then
+    fl_args=(--device cpu --smoke --threads 1 --repeats 1 --ranks 64)
+else
+    fl_args=(--device cuda --repeats 3 --ranks 64 --tokens 4096 --text-tokens 512)
+fi
+"$PYTHON" benchmarks/factor_location.py "${fl_args[@]}" --out "$out" 2>&1 | tee "$out/factor_location.log"
 echo "results in $out"

@@ -33,6 +33,9 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     assert results["full_svd_total_s"] > 0 and results["flux_dev_extrapolation"]["full_svd_s"] > 0
     table = (tmp_path / "dit.md").read_text()
     assert "cold load of a whole Flux.1-dev, extrapolated" in table and "fused-offloaded vs base" in table
+    locations = json.loads((tmp_path / "factor_location.json").read_text())
+    assert [row["location"] for row in locations] == ["device", "cpu", "disk"]
+    assert all(row["rank"] == 64 and row["device"] == "cpu" for row in locations)
 
 
 def test_factor_location_benchmark_runs_every_location(tmp_path):
