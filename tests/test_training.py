@@ -463,15 +463,15 @@ def test_clear_errors_for_bad_base_model(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match=r"lacks the component\(s\) \['vae'\]"):
         check_base_model(str(broken))
     shutil.copytree(tiny_model_dir + "/vae", broken / "vae")
-    assert check_base_model(str(broken)) is False
+    assert check_base_model(str(broken)) == "sd"
     index = json.loads((broken / "model_index.json").read_text())
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (broken / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"lacks the component\(s\) \['text_encoder_2', 'tokenizer_2'\]"):
         check_base_model(str(broken))
-    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    index["transformer"] = ["diffusers", "SanaTransformer2DModel"]
     (broken / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(NotImplementedError, match="transformer-based"):
+    with pytest.raises(NotImplementedError, match="SanaTransformer2DModel.*SD3 / SD3.5, Flux.1"):
         check_base_model(str(broken))
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         check_base_model(str(tmp_path))
@@ -481,8 +481,18 @@ def test_clear_errors_for_bad_base_model(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_two_process_ddp_run(tiny_model_dir, tmp_path):
     """Two CPU processes (torchrun + gloo, ~25 s): both ranks end with identical δ, one file is written."""
-    instance = write_images(tmp_path / "dog")
     out = tmp_path / "out"
+    rank0, rank1 = two_process_run(tiny_model_dir, tmp_path, "--resolution", RESOLUTION)
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(v.abs().max() > 0 for v in rank0.values())
+    assert [p.name for p in out.iterdir() if p.suffix == ".safetensors"] == [sa.DEFAULT_WEIGHT_NAME]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def two_process_run(model_dir, tmp_path, *extra, port=29517):
+    """Train 2 steps on two CPU processes (torchrun + gloo) into tmp_path/out; returns each rank's δ (and norm
+    shifts) after training, as state dicts."""
+    instance = write_images(tmp_path / "dog")
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import sys\n"
@@ -498,20 +508,16 @@ def test_two_process_ddp_run(tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     # torchrun sets RANK/WORLD_SIZE and ACCELERATE_USE_CPU makes accelerate pick multi-CPU DDP over gloo
     # (`accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up).
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                str(probe),
-               "--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--resolution",
-               str(RESOLUTION), "--seed", "3", "--report_to", "none", "--instance_data_dir", instance,
-               "--instance_prompt", "a photo of sks dog", "--max_train_steps", "2", "--checkpointing_steps", "2"]
+               "--pretrained_model_name_or_path", model_dir, "--output_dir", str(tmp_path / "out"), "--seed", "3",
+               "--report_to", "none", "--instance_data_dir", instance, "--instance_prompt", "a photo of sks dog",
+               "--max_train_steps", "2", "--checkpointing_steps", "2", *map(str, extra)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     from safetensors.torch import load_file
 
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert any(v.abs().max() > 0 for v in rank0.values())
-    assert [p.name for p in out.iterdir() if p.suffix == ".safetensors"] == [sa.DEFAULT_WEIGHT_NAME]
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    return load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
 
 
 def test_example_script_and_defaults(tiny_model_dir, tmp_path):

@@ -125,3 +125,67 @@ FAMILIES = {
         negative_prompt_attention_mask=_mask(8), negative_prompt=None, height=32, width=32),
         "attention_kwargs", ("transformer",)),
 }
+
+
+# ------------------------------------------------------------------------------------------------ for training
+def _char_tokenizer():
+    from .tiny_models import tiny_pipeline
+
+    return tiny_pipeline().tokenizer  # a char-level CLIP tokenizer (77 tokens), also standing in for T5's
+
+
+def _clip(projection: bool, hidden_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=300, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                            pad_token_id=1, projection_dim=32)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5():
+    from transformers import T5Config, T5EncoderModel
+
+    # eval(): built from a config, T5 would apply its dropout (from_pretrained returns models in eval mode).
+    return T5EncoderModel(T5Config(vocab_size=300, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+
+
+def _vae(latent_channels: int, shift_factor: float):
+    from diffusers import AutoencoderKL
+
+    # Three blocks: 4× downsampling, so 32 px images are 8×8 latents.
+    return AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=latent_channels, norm_num_groups=8,
+                         scaling_factor=1.5, shift_factor=shift_factor)
+
+
+def tiny_sd3_training_pipeline(seed: int = 0):
+    """A complete tiny SD3 pipeline (two CLIP encoders with projections, T5, VAE with a shift factor), for training:
+    CLIP widths 16 + 16 fill T5's 32, pooled 32 + 32 = the transformer's pooled_projection_dim."""
+    torch.manual_seed(seed)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    tokenizer = _char_tokenizer()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(4, 0.0609), text_encoder=_clip(True, 16),
+        tokenizer=tokenizer, text_encoder_2=_clip(True, 16), tokenizer_2=tokenizer, text_encoder_3=_t5(),
+        tokenizer_3=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_training_pipeline(seed: int = 0):
+    """A complete tiny Flux.1 pipeline with the guidance embedding (as Flux.1-dev): CLIP (pooled 32), T5 (32 wide),
+    a one-channel VAE (the transformer's 4 input channels are 2×2 packed latents)."""
+    torch.manual_seed(seed)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    tokenizer = _char_tokenizer()
+    pipe = diffusers.FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1, 0.1159), text_encoder=_clip(False, 32),
+        tokenizer=tokenizer, text_encoder_2=_t5(), tokenizer_2=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

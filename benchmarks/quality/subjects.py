@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,7 +40,10 @@ from methods import MethodSpec  # noqa: E402
 from svdiff_adapter import toyworld as tw  # noqa: E402
 from svdiff_adapter.toyworld.evaluate import evaluate_prompts  # noqa: E402
 from svdiff_adapter.toyworld.personalize import leakage, subject_scores  # noqa: E402
+from svdiff_adapter.toyworld import world as W  # noqa: E402
 from svdiff_adapter.toyworld.world import Subject  # noqa: E402
+from svdiff_adapter.training.images import load_images  # noqa: E402
+from svdiff_adapter.training.prior import ensure_class_images  # noqa: E402
 
 TUNING = tuple(tw.SUBJECTS[name] for name in ("striped_star", "dotted_square", "split_circle"))
 HELD_OUT = (Subject("striped_star_cm", shape="star", pattern="stripes", colors=("cyan", "magenta")),
@@ -58,6 +62,7 @@ class Variant:
     spec: MethodSpec
     prior_loss_weight: float = 1.0
     weight_decay: float = 1e-2
+    prior_contexts: str = "trained"  # which prior samples: see `prior_pool`
     tag: str = ""  # names an ablation of the recipe; empty for a method at its defaults
 
     @property
@@ -76,7 +81,12 @@ METHODS = (Variant(MethodSpec("spectral", 2e-2)), Variant(MethodSpec("lora", 3e-
 # lr·wd per step: 0.1 pulls it back by a factor e^(-1.2) over 600 steps), a smaller step.
 ABLATIONS = (Variant(MethodSpec("spectral", 2e-2), prior_loss_weight=2.0, tag="prior2"),
              Variant(MethodSpec("spectral", 2e-2), weight_decay=0.1, tag="wd0.1"),
-             Variant(MethodSpec("spectral", 1e-2), tag="lr1e-2"))
+             Variant(MethodSpec("spectral", 1e-2), tag="lr1e-2"),
+             # Prior samples beyond the training contexts (prior_pool), and the text encoder's share.
+             Variant(MethodSpec("spectral", 2e-2), prior_contexts="all", tag="prior-all"),
+             Variant(MethodSpec("spectral", 2e-2), prior_contexts="all+ordinary", tag="prior-wide"),
+             Variant(MethodSpec("spectral", 2e-2, train_text_encoder=False)))
+PRIOR_POOL_SIZE = 50  # images per background of the class prompt, and ordinary prompts, in a prior pool
 
 
 def run_id(subject: Subject, variant: Variant, seed: int) -> str:
@@ -102,6 +112,49 @@ def evaluate(pipe, subject: Subject, judge) -> dict:
     return scores
 
 
+def prior_pool(out: Path, subject: Subject, contexts: str) -> list[tuple[object, str]]:
+    """(image, prompt) pairs of the base model for the prior rows: "all" = the class prompt on every background
+    (the trained ones and the held-out ones: class images cost nothing but sampling the base model); "all+ordinary"
+    adds as many base-model samples of ordinary world prompts (none of them one of the 40 drift prompts)."""
+    pool = []
+    for index, background in enumerate(tw.BACKGROUNDS):
+        folder = out / "data" / f"class-{subject.shape}" / background
+        ensure_class_images(str(folder), subject.class_prompt(background), PRIOR_POOL_SIZE,
+                            lambda: tw.load_toyworld_pipeline(), resolution=64, sample_batch_size=25,
+                            num_inference_steps=25, seed=index)
+        pool += [(image, subject.class_prompt(background))
+                 for image in load_images(str(folder), what="class image")[:PRIOR_POOL_SIZE]]
+    if contexts == "all+ordinary":
+        drift = {W.prompt_for(s) for s in W.sample_specs(DRIFT_PROMPTS, 2024)}
+        prompts = [p for p in (W.prompt_for(s) for s in W.sample_specs(4 * len(pool), 77)) if p not in drift]
+        prompts = prompts[:len(pool)]
+        folder = out / "data" / "ordinary"
+        if len(list(folder.glob("*.png"))) < len(prompts):
+            folder.mkdir(parents=True, exist_ok=True)
+            with torch.no_grad():
+                images = tw.generate(tw.load_toyworld_pipeline(), prompts, seed=77)
+            pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for k, image in enumerate(pixels):
+                Image.fromarray(image).save(folder / f"{k:04d}.png")
+        pool += [(Image.open(folder / f"{k:04d}.png").convert("RGB"), prompt) for k, prompt in enumerate(prompts)]
+    return pool
+
+
+class PoolPrior:
+    """`data`'s batches with their prior rows drawn from `pool` instead of each subject's own class images."""
+
+    def __init__(self, data, pool):
+        self.data, self.pool = data, pool
+
+    def sample(self, batch_size, generator):
+        batch = self.data.sample(batch_size, generator)
+        picks = torch.randint(0, len(self.pool), (batch_size,), generator=generator).tolist()
+        rows = [self.data.transform(self.pool[k][0], generator) for k in picks]
+        batch.pixel_values = torch.cat([batch.pixel_values[:batch_size], torch.stack(rows)])
+        batch.prompts = batch.prompts[:batch_size] + [self.pool[k][1] for k in picks]
+        return batch
+
+
 def claim(path: Path) -> bool:
     """Take a run for this process (a `.claim` file made exclusively), so that workers started at any time never
     run the same one; a claim of a killed worker must be deleted by hand."""
@@ -119,6 +172,8 @@ def run_one(out: Path, judge, subject: Subject, variant: Variant, seed: int, ste
         return
     print(f"== {path.stem}", flush=True)
     data = run.training_data(out, subject, seed, with_prior=True)
+    if variant.prior_contexts != "trained":
+        data = PoolPrior(data, prior_pool(out, subject, variant.prior_contexts))
     torch.manual_seed(seed)  # LoRA's gaussian init
     pipe = tw.load_toyworld_pipeline()
     result = {"subject_name": subject.name, "set": "tuning" if subject in TUNING else "held-out",

@@ -31,6 +31,7 @@ _AT_LEAST = {
     "learning_rate": (0, False), "learning_rate_1d": (0, True), "prior_loss_weight": (0, True),
     "unmix_weight": (0, True), "adam_weight_decay": (0, True), "adam_epsilon": (0, False),
     "max_grad_norm": (0, True), "lr_power": (0, False), "spectral_rank": (1, True),
+    "logit_std": (0, False), "mode_scale": (0, True), "guidance_scale": (0, True), "max_sequence_length": (1, True),
 }
 # Option → closed interval of allowed values.
 _BETWEEN = {"cutmix_prob": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}
@@ -56,7 +57,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add every training option to `parser` (used by the example script and by ``svdiff train``)."""
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Hub id or local folder of a Stable Diffusion 1.x/2.x or SDXL pipeline.")
+                       help="Hub id or local folder of a Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 or "
+                            "Flux.1 pipeline.")
     model.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weight variant of the base model, e.g. fp16.")
     model.add_argument("--base_model_id", type=str, default=None,
@@ -97,8 +99,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     shift = parser.add_argument_group("spectral shifts")
     shift.add_argument("--adapter_name", type=str, default="default", help="Adapter name stored in the file.")
     shift.add_argument("--unet_target_kinds", type=str, default="linear,conv2d,norm",
-                       help="Module kinds of the UNet to shift (linear, conv2d, embedding, norm).")
-    shift.add_argument("--train_text_encoder", action="store_true", help="Also train text-encoder shifts.")
+                       help="Module kinds of the denoiser (UNet or transformer) to shift (linear, conv2d, "
+                            "embedding, norm).")
+    shift.add_argument("--train_text_encoder", action="store_true",
+                       help="Also train text-encoder shifts (the CLIP encoders; T5 always stays frozen).")
     shift.add_argument("--text_encoder_target_kinds", type=str, default="linear,embedding,norm",
                        help="Module kinds of the text encoder to shift.")
     shift.add_argument("--norm_mode", type=str, default="elementwise", choices=["elementwise", "scalar"],
@@ -106,6 +110,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     shift.add_argument("--spectral_rank", type=int, default=None,
                        help="Shift only the top k singular values of each matrix (a seeded randomized SVD, much faster "
                             "than a full one on large models; see SpectralShiftConfig). Default: the full spectrum.")
+
+    flow = parser.add_argument_group("flow matching (SD3 / SD3.5, Flux.1)")
+    flow.add_argument("--weighting_scheme", type=str, default="none",
+                      choices=["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"],
+                      help="How σ is sampled or the loss weighted, as diffusers' SD3/Flux DreamBooth scripts name them "
+                           "(docs/training.md).")
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal scheme.")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
+    flow.add_argument("--guidance_scale", type=float, default=3.5,
+                      help="Flux's guidance embedding during training (guidance-distilled models such as Flux.1-dev).")
+    flow.add_argument("--max_sequence_length", type=int, default=None,
+                      help="T5 tokens per prompt (default: the pipeline's own, 256 for SD3 and 512 for Flux).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=1, help="Instance samples per device and step.")

@@ -32,6 +32,7 @@ from .images import (
     load_images,
     to_rgb,
 )
+from .flow import FlowFrozen, flow_matching_loss
 from .loop import TrainingInterrupted, main, train
 from .loss import Frozen, training_loss
 from .optim import make_optimizer, shift_parameters
@@ -41,9 +42,9 @@ from .subjects import Subject, check_identifier, infer_identifier, load_concepts
 
 __all__ = [
     "AttentionProbsRecorder", "Batch", "CheckpointError", "CrossAttentionStore", "CutMixSample", "DreamBoothData",
-    "Frozen", "ImageTransform", "MAX_ASPECT_RATIO", "Subject", "TrainingDataError", "TrainingInterrupted",
+    "FlowFrozen", "Frozen", "ImageTransform", "MAX_ASPECT_RATIO", "Subject", "TrainingDataError", "TrainingInterrupted",
     "add_train_arguments", "build_parser", "check_identifier", "check_image_size", "check_train_arguments",
-    "cut_mix", "cut_mix_prompt", "draw_pair", "ensure_class_images", "identifier_token_weights", "infer_identifier",
+    "cut_mix", "cut_mix_prompt", "draw_pair", "ensure_class_images", "flow_matching_loss", "identifier_token_weights", "infer_identifier",
     "install_attention_recorders", "list_checkpoints", "list_images", "load_checkpoint", "load_concepts_list",
     "load_image", "load_images", "main", "make_optimizer", "parse_args", "parse_subject", "recover_checkpoints",
     "resolve_checkpoint", "save_checkpoint", "shift_parameters", "to_rgb", "train", "training_loss", "unmix_loss",

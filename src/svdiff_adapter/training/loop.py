@@ -22,10 +22,19 @@ from svdiff_cli.train_options import check_train_arguments
 from .checkpoint import load_checkpoint, recover_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothData
 from .images import ImageTransform, load_images
+from .flow import flow_matching_loss
 from .loss import training_loss
 from .optim import make_optimizer, trainable_parameters
 from .publish import push_output, run_validation
-from .prepare import build_subjects, load_components, prepare_class_images, svd_cache_option, target_kinds
+from .prepare import (
+    FLOW_FAMILIES,
+    base_family,
+    build_subjects,
+    load_components,
+    prepare_class_images,
+    svd_cache_option,
+    target_kinds,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -114,6 +123,10 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     subjects = build_subjects(args)
     # Read (and check) the instance images before anything is written or loaded.
     instance_images = [load_images(s.instance_data_dir, what="instance image") for s in subjects]
+    family = base_family(args)
+    if family in FLOW_FAMILIES and args.unmix_weight > 0 and len(subjects) > 1:
+        raise NotImplementedError("--unmix_weight: the unmix regularisation is not implemented for the joint attention "
+                                  "of SD3 / Flux yet; train with --unmix_weight 0 (Cut-Mix samples still work).")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         for restored in recover_checkpoints(args.output_dir):
@@ -129,32 +142,30 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
                           with_prior_preservation=args.with_prior_preservation, class_images=class_images,
                           instance_images=instance_images)
 
-    unet, frozen = load_components(args)
-    text_encoders = {component: model for component, model in (("text_encoder", frozen.text_encoder),
-                                                                ("text_encoder_2", frozen.text_encoder_2))
-                     if model is not None}
+    denoiser_name, denoiser, frozen = load_components(args, family)
     name = args.adapter_name
     cache = svd_cache_option(args)
     spectral_rank = getattr(args, "spectral_rank", None)  # None: the full spectrum
-    add_spectral_shift(unet, SpectralShiftConfig(target_kinds=target_kinds(args.unet_target_kinds),
-                                                 norm_mode=args.norm_mode, spectral_rank=spectral_rank),
+    add_spectral_shift(denoiser, SpectralShiftConfig(target_kinds=target_kinds(args.unet_target_kinds),
+                                                     norm_mode=args.norm_mode, spectral_rank=spectral_rank),
                        name, svd_cache=cache)
-    trained = {"unet": unet}
+    trained = {denoiser_name: denoiser}
     if args.train_text_encoder:
         text_config = SpectralShiftConfig(target_kinds=target_kinds(args.text_encoder_target_kinds),
                                           norm_mode=args.norm_mode, spectral_rank=spectral_rank)
-        for component, model in text_encoders.items():
+        for component in frozen.trainable_text_encoders:
+            model = frozen.text_encoders[component]
             add_spectral_shift(model, text_config, name, svd_cache=cache)
             trained[component] = model
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            for model in text_encoders.values():
-                model.gradient_checkpointing_enable()
+        denoiser.enable_gradient_checkpointing()
+        for component in trained:
+            if component != denoiser_name:
+                trained[component].gradient_checkpointing_enable()
     store = None
     if args.unmix_weight > 0 and len(subjects) > 1:
         store = CrossAttentionStore()
-        install_attention_recorders(unet, store)
+        install_attention_recorders(denoiser, store)
 
     scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr \
         else 1
@@ -169,18 +180,26 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     # Frozen models in the autocast precision; the trained models keep fp32 base weights (fingerprints, exact δ=0).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     frozen.vae.to(accelerator.device, dtype=weight_dtype)
-    if not args.train_text_encoder:
-        for model in text_encoders.values():
+    for component, model in frozen.text_encoders.items():
+        if component not in trained:
             model.to(accelerator.device, dtype=weight_dtype)
     components = list(trained)
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     wrapped = dict(zip(components, prepared[: len(components)]))
     optimizer, lr_scheduler = prepared[len(components):]
-    unet = wrapped["unet"]
+    denoiser = wrapped[denoiser_name]
     models = {component: accelerator.unwrap_model(model) for component, model in wrapped.items()}
     # The loss calls the (DDP-wrapped) trained text encoders.
-    frozen.text_encoder = wrapped.get("text_encoder", frozen.text_encoder)
-    frozen.text_encoder_2 = wrapped.get("text_encoder_2", frozen.text_encoder_2)
+    for component in trained:
+        if component != denoiser_name:
+            setattr(frozen, component, wrapped[component])
+
+    def step_loss(batch, generator):
+        if family in FLOW_FAMILIES:
+            return flow_matching_loss(denoiser, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
+                                      train_text_encoder=args.train_text_encoder)
+        return training_loss(denoiser, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
+                             unmix_weight=args.unmix_weight, store=store, train_text_encoder=args.train_text_encoder)
 
     global_step = 0
     if checkpoint is not None:
@@ -218,10 +237,7 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
                     batch = data.sample(args.train_batch_size, generator)
                     with accelerator.accumulate(*wrapped.values()):
                         with accelerator.autocast():
-                            loss, parts = training_loss(
-                                unet, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
-                                unmix_weight=args.unmix_weight, store=store,
-                                train_text_encoder=args.train_text_encoder)
+                            loss, parts = step_loss(batch, generator)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and args.max_grad_norm:
                             accelerator.clip_grad_norm_(list(trainable_parameters(optimizer)), args.max_grad_norm)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import CrossAttentionStore, identifier_token_weights
@@ -30,6 +29,23 @@ class Frozen:
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
+
+    @property
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """The encoders `--train_text_encoder` shifts (all of them, for UNet pipelines)."""
+        return tuple(self.text_encoders)
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {name: model for name, model in (("text_encoder", self.text_encoder),
+                                                ("text_encoder_2", self.text_encoder_2)) if model is not None}
+
+    def pipeline_components(self) -> dict:
+        """The frozen parts as pipeline components (for validation images)."""
+        components = {"vae": self.vae, "tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
+        if self.is_sdxl:
+            components.update(tokenizer_2=self.tokenizer_2, text_encoder_2=self.text_encoder_2)
+        return components
 
 
 @dataclass
@@ -118,13 +134,20 @@ def training_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"Unknown prediction type {prediction_type!r}.")
-    prediction = prediction.float()
-    n = batch.num_instance
-    instance_loss = F.mse_loss(prediction[:n], target[:n])
+    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+    return combine_losses(per_sample, batch.num_instance, prior_loss_weight, unmix, unmix_weight)
+
+
+def combine_losses(per_sample: torch.Tensor, num_instance: int, prior_loss_weight: float,
+                   unmix: Optional[torch.Tensor] = None, unmix_weight: float = 0.0
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total loss from per-sample losses (instance rows first, then their prior rows): the instance mean,
+    + λ · the prior mean, + the weighted unmix term; and its parts as floats."""
+    instance_loss = per_sample[:num_instance].mean()
     loss = instance_loss
     parts = {"instance_loss": float(instance_loss.detach())}
-    if prediction.shape[0] > n:
-        prior_loss = F.mse_loss(prediction[n:], target[n:])
+    if per_sample.shape[0] > num_instance:
+        prior_loss = per_sample[num_instance:].mean()
         loss = loss + prior_loss_weight * prior_loss
         parts["prior_loss"] = float(prior_loss.detach())
     if unmix is not None:

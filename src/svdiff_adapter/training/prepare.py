@@ -18,8 +18,16 @@ from .subjects import Subject, check_identifier, load_concepts_list, parse_subje
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
+REQUIRED_COMPONENTS = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    # SD3's T5 (text_encoder_3) may be left out, as StableDiffusion3Pipeline allows.
+    "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+}
+# Transformer families by their transformer class (a pipeline saved from an img2img variant names the same one).
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+FLOW_FAMILIES = ("sd3", "flux")
 
 
 def build_subjects(args: argparse.Namespace) -> list[Subject]:
@@ -51,26 +59,41 @@ def build_subjects(args: argparse.Namespace) -> list[Subject]:
     return subjects
 
 
-def check_base_model(path: str) -> bool:
-    """A local base-model folder must be an SD 1.x/2.x or SDXL pipeline: clear errors for missing parts and other
-    families. Returns whether it is SDXL (False for a Hub id, which `from_pretrained` checks itself)."""
+def model_family(index: dict, name: str = "the base model") -> str:
+    """The trainer's family of a pipeline from its model_index.json: "sd" (SD 1.x/2.x), "sdxl", "sd3" (SD3 / SD3.5)
+    or "flux" (Flux.1); other pipelines are refused naming their class."""
+    if "transformer" in index:
+        transformer = index.get("transformer") or [None, None]
+        family = TRANSFORMER_FAMILIES.get(transformer[-1])
+        if family is None:
+            raise NotImplementedError(
+                f"{name} is a {index.get('_class_name')} with a {transformer[-1]}: training supports the "
+                f"transformer-based families {sorted(TRANSFORMER_FAMILIES)} (SD3 / SD3.5, Flux.1) and UNet "
+                "pipelines (SD 1.x/2.x, SDXL).")
+        return family
+    if "unet" not in index:
+        raise NotImplementedError(f"{name} ({index.get('_class_name')}) has neither a UNet nor a transformer.")
+    return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def check_base_model(path: str) -> Optional[str]:
+    """A local base-model folder must be a pipeline of a supported family with every part training needs: clear
+    errors for missing parts and other families. Returns the family (None for a Hub id, which `from_pretrained`
+    checks itself)."""
     folder = Path(path)
     if not folder.is_dir():
-        return False
+        return None
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{path!r} is not a diffusers pipeline folder (no model_index.json).")
     index = json.loads(index_file.read_text())
-    if "transformer" in index or "unet" not in index:
-        raise NotImplementedError(f"{path!r} is not a Stable Diffusion 1.x/2.x or SDXL pipeline "
-                                  f"({index.get('_class_name')}); transformer-based pipelines are not supported.")
-    sdxl = "text_encoder_2" in index
-    needed = REQUIRED_COMPONENTS + (SDXL_COMPONENTS if sdxl else ())
+    family = model_family(index, repr(path))
+    needed = REQUIRED_COMPONENTS[family]
     missing = [c for c in needed if c not in index or not (folder / c).is_dir() or index.get(c) in (None, [None, None])]
     if missing:
         raise ValueError(f"The base model {path!r} lacks the component(s) {missing}; training needs "
                          f"{list(needed)}.")
-    return sdxl
+    return family
 
 
 def load_model_index(path: str, revision: Optional[str] = None) -> dict:
@@ -94,19 +117,27 @@ def load_model_index(path: str, revision: Optional[str] = None) -> dict:
                       f"while online (`hf download {path}`), or give a local pipeline folder.") from error
 
 
-def load_components(args: argparse.Namespace):
-    """(unet, frozen): the UNet and the parts that feed it (`Frozen`; SDXL's second tokenizer and text encoder
-    when the pipeline has them), all with gradients off."""
+def base_family(args: argparse.Namespace) -> str:
+    """The family of `--pretrained_model_name_or_path` (a local folder is checked part by part)."""
+    path = args.pretrained_model_name_or_path
+    if Path(path).is_dir():
+        return check_base_model(path)
+    return model_family(load_model_index(path, args.revision), repr(path))
+
+
+def load_components(args: argparse.Namespace, family: Optional[str] = None):
+    """(denoiser_name, denoiser, frozen): the UNet or transformer being trained, under its component name, and the
+    parts that feed it — `Frozen` for UNet pipelines (SDXL's second tokenizer and text encoder when there), or
+    `FlowFrozen` for SD3 / Flux with the flow-matching options of `args` — all with gradients off."""
+    family = family or base_family(args)
+    if family in FLOW_FAMILIES:
+        return _load_flow_components(args, family)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from .loss import Frozen
 
     path = args.pretrained_model_name_or_path
-    if Path(path).is_dir():
-        sdxl = check_base_model(path)
-    else:  # a Hub id: its model_index.json, through the Hub cache
-        sdxl = "text_encoder_2" in load_model_index(path, args.revision)
     common = {"revision": args.revision}
     weights = {"variant": args.variant, **common}
     frozen = Frozen(
@@ -114,7 +145,7 @@ def load_components(args: argparse.Namespace):
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
-    if sdxl:
+    if family == "sdxl":
         frozen.tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common)
         frozen.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                             **weights)
@@ -122,7 +153,30 @@ def load_components(args: argparse.Namespace):
     for model in (frozen.text_encoder, frozen.text_encoder_2, frozen.vae, unet):
         if model is not None:
             model.requires_grad_(False)
-    return unet, frozen
+    return "unet", unet, frozen
+
+
+def _load_flow_components(args: argparse.Namespace, family: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .flow import FlowFrozen
+
+    # The pipeline's own loader picks every component's class (T5 or not, CLIP with or without projection).
+    components = load_base_pipeline(args).components
+    transformer = components["transformer"]
+    frozen = FlowFrozen(
+        family=family, vae=components["vae"],
+        noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config),
+        tokenizer=components["tokenizer"], text_encoder=components["text_encoder"],
+        tokenizer_2=components["tokenizer_2"], text_encoder_2=components["text_encoder_2"],
+        tokenizer_3=components.get("tokenizer_3"), text_encoder_3=components.get("text_encoder_3"),
+        joint_attention_dim=transformer.config.joint_attention_dim,
+        guidance_embeds=bool(transformer.config.get("guidance_embeds", False)),
+        weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+    for model in (transformer, frozen.vae, *frozen.text_encoders.values()):
+        model.requires_grad_(False)
+    return "transformer", transformer, frozen
 
 
 def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype = torch.float32, **components):

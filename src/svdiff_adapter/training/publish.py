@@ -15,14 +15,13 @@ def run_validation(args, accelerator, models, frozen, step: int) -> list:
     trained (`models`: component → unwrapped model) and the frozen parts."""
     from diffusers import DPMSolverMultistepScheduler
 
+    from .loss import Frozen
     from .prepare import load_base_pipeline
 
-    components = {"vae": frozen.vae, "tokenizer": frozen.tokenizer, "text_encoder": frozen.text_encoder}
-    if frozen.is_sdxl:
-        components.update(tokenizer_2=frozen.tokenizer_2, text_encoder_2=frozen.text_encoder_2)
-    components.update(models)
+    components = {**frozen.pipeline_components(), **models}
     pipeline = load_base_pipeline(args, torch.float32, **components)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    if isinstance(frozen, Frozen):  # UNet pipelines sample faster with DPM-Solver; flow models keep their Euler
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
     folder = Path(args.output_dir) / "validation"
@@ -66,11 +65,16 @@ def push_output(args, subjects: list[Subject]) -> str:
             (staging / "images").mkdir()
             for image in images:
                 shutil.copy2(image, staging / "images" / image.name)
+        from ..format import load_shift_file
+        from ..loaders.pipelines import PIPELINE_CLASS_NAMES
+        from .prepare import load_model_index
+
         card = spectral_shift_model_card(
             repo_id, base_model=args.base_model_id or args.pretrained_model_name_or_path,
             instance_prompt=subjects[0].instance_prompt, image_paths=[f"images/{p.name}" for p in images],
-            adapter_name=args.adapter_name,
-            components=["unet", "text_encoder"] if args.train_text_encoder else ["unet"])
+            adapter_name=args.adapter_name, components=load_shift_file(output / DEFAULT_WEIGHT_NAME).components,
+            pipeline_class=load_model_index(args.pretrained_model_name_or_path, args.revision)["_class_name"],
+            drop_in_classes=PIPELINE_CLASS_NAMES)
         (staging / "README.md").write_text(card)
         (output / "README.md").write_text(card)
         upload_shift_folder(staging, repo_id, token=args.hub_token)
