@@ -22,8 +22,8 @@ from svdiff_adapter.training import (
     train,
 )
 from svdiff_adapter.training.flow import (
-    FlowFrozen,
     encode_flow_prompts,
+    flow_frozen,
     flow_matching_loss,
     loss_weights,
     sample_sigmas,
@@ -56,16 +56,7 @@ def train_args(model_dir, output_dir, *extra):
 
 
 def frozen_of(pipe, family, **options):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowFrozen(
-        family=family, vae=pipe.vae, noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=pipe.tokenizer_2,
-        text_encoder_2=pipe.text_encoder_2, tokenizer_3=getattr(pipe, "tokenizer_3", None),
-        text_encoder_3=getattr(pipe, "text_encoder_3", None),
-        joint_attention_dim=pipe.transformer.config.joint_attention_dim,
-        guidance_embeds=bool(pipe.transformer.config.get("guidance_embeds", False)), max_sequence_length=T5_TOKENS,
-        **options)
+    return flow_frozen(family, pipe, max_sequence_length=T5_TOKENS, **options)
 
 
 def batch_of(tmp_path, with_prior=False):

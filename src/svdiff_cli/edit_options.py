@@ -15,7 +15,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Add every editing option to `parser`."""
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Hub id or local folder of a Stable Diffusion 1.x/2.x or SDXL pipeline.")
+                       help="Hub id or local folder of an SD 1.x/2.x, SDXL, SD3 / SD3.5 or Flux.1 pipeline.")
     model.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weight variant of the base model, e.g. fp16.")
     model.add_argument("--device", type=str, default=None,
@@ -45,7 +45,8 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     sampling = parser.add_argument_group("inversion, noise and sampling")
     sampling.add_argument("--no_inversion", action="store_true",
                           help="Start from Gaussian noise instead of the DDIM inversion of the image.")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM η while sampling (> 0 adds noise per step).")
+    sampling.add_argument("--eta", type=float, default=0.0,
+                          help="η while sampling (> 0 adds noise per step; at most 1 for SD3 / Flux).")
     sampling.add_argument("--slerp_alpha", type=float, default=None,
                           help="Replace z_T by slerp(α, z_T, ε), α in [0, 1] (larger: more structural change).")
     sampling.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance while sampling.")

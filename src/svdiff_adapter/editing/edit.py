@@ -1,6 +1,7 @@
 """CoSINE single-image editing (from the SVDiff paper; docs/editing.md): fine-tune spectral shifts on one image–prompt
-pair, then edit by changing the prompt — DDIM inversion with the target prompt, optional noise (η > 0, slerp),
-sampling with guidance. No fine-tuning per target prompt."""
+pair, then edit by changing the prompt — inversion with the target prompt (DDIM for UNet pipelines, the flow ODE
+backwards for SD3 / Flux), optional noise (η > 0, slerp), sampling with guidance. No fine-tuning per target
+prompt."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from ..loaders import load_spectral_shift, spectral_adapter_names, to_shift_file
 from ..tools import read_shift
 from ..training.images import load_image
 from svdiff_cli.edit_options import parse_args
-from .finetune import finetune_on_image
+from .finetune import denoiser_of, finetune_on_image
+from .flow import flow_family, flow_invert, flow_sample
 from .images import ImageInput, decode_latents, encode_image, prepare_image, save_png, side_by_side
 from .inversion import ddim_invert, ddim_sample
 from .noise import slerp
 
 
-SHIFTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SHIFTED_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -85,19 +87,22 @@ def edit_image(
 ) -> EditResult:
     """Edit one image towards each target prompt with CoSINE.
 
-    1. Fine-tune spectral shifts of the UNet on (`image`, `source_prompt`) with λ = 0 — or load `shift` (a file,
+    1. Fine-tune spectral shifts of the denoiser (UNet or transformer) on (`image`, `source_prompt`) with λ = 0 — or load `shift` (a file,
        a folder holding one, a Hub repo id or a `SpectralShiftFile`) — or, with `max_train_steps=0` and no shift,
        use the base model.
-    2. `invert=True`: DDIM-invert the image latent with each *target* prompt at guidance 1 with the fine-tuned
-       weights (z_T). `invert=False`: z_T is Gaussian noise and the shifted weights alone carry the image.
+    2. `invert=True`: invert the image latent with each *target* prompt at guidance 1 with the fine-tuned weights
+       (z_T): DDIM inversion for UNet pipelines, the flow ODE integrated backwards for SD3 / Flux
+       (`flow_invert`). `invert=False`: z_T is Gaussian noise and the shifted weights alone carry the image.
     3. Noise for larger structural edits: `slerp_alpha` replaces z_T by slerp(α, z_T, ε); `eta` > 0 adds fresh
-       noise at every DDIM step.
-    4. DDIM sampling with each target prompt and `guidance_scale`.
+       noise at every sampling step (DDIM's η; for flow models η ≤ 1 mixes noise into the predicted noise).
+    4. Sampling with each target prompt and `guidance_scale` (DDIM; Euler steps of the flow for SD3 / Flux, where
+       `guidance_scale` is classifier-free guidance for SD3 and the guidance embedding for Flux.1-dev).
 
     The pipeline is left as it was: the adapter added here is unloaded at the end (`EditResult.shift` keeps it).
 
     Args:
-        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline. Fine-tuning needs a float32 UNet.
+        pipe: a Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 or Flux.1 pipeline. Fine-tuning needs a float32
+            denoiser.
         image: a path or a PIL image (any mode; converted to RGB).
         source_prompt (`str`, *optional*): describes the input; required for fine-tuning.
         target_prompts (`str` or `list[str]`): one edit per prompt.
@@ -111,8 +116,9 @@ def edit_image(
         guidance_scale (`float`, defaults to 7.5): classifier-free guidance while sampling.
         num_inference_steps (`int`, defaults to 50): DDIM steps of the inversion and of the sampling.
         seed (`int`, *optional*): seeds fine-tuning, ε and the η noise.
-        resolution (`int`, *optional*): shorter side of the edited image (default: the UNet's native size, e.g. 512
-            for SD 1.5, 1024 for SDXL); sides are then cropped to multiples of the VAE factor.
+        resolution (`int`, *optional*): shorter side of the edited image (default: the denoiser's native size, e.g.
+            512 for SD 1.5, 1024 for SDXL, SD3 and Flux); sides are then cropped to multiples of the VAE factor
+            (twice it for Flux, whose latents are packed 2×2).
         output_dir (*optional*): write input.png, edit-<i>-<prompt>.png, side_by_side.png and, after fine-tuning,
             spectral_shift_weights.safetensors (each file written atomically).
         adapter_name (`str`, defaults to "cosine"): name of the temporary adapter; must not be in use.
@@ -124,7 +130,8 @@ def edit_image(
         raise ValueError("Give at least one target prompt.")
     check_edit_options(max_train_steps=max_train_steps, learning_rate=learning_rate,
                        learning_rate_1d=learning_rate_1d, invert=invert, eta=eta, slerp_alpha=slerp_alpha,
-                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, resolution=resolution)
+                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, resolution=resolution,
+                       flow=flow_family(pipe) is not None)
     fine_tune = shift is None and max_train_steps > 0
     if fine_tune and not source_prompt:
         raise ValueError("Fine-tuning needs a source prompt describing the image (or pass a shift to reuse).")
@@ -133,11 +140,13 @@ def edit_image(
     if taken:
         raise ValueError(f"Adapter name {adapter_name!r} is already in use in {taken}; pass another adapter_name.")
 
+    family = flow_family(pipe)
     factor = pipe.vae_scale_factor
     if resolution is None:
-        sample_size = pipe.unet.config.sample_size
+        sample_size = pipe.default_sample_size if family is not None else pipe.unet.config.sample_size
         resolution = (min(sample_size) if isinstance(sample_size, (list, tuple)) else sample_size) * factor
-    source = prepare_image(image, factor, resolution)
+    source = prepare_image(image, factor * (2 if family == "flux" else 1), resolution)
+    invert_latents, sample_latents = (flow_invert, flow_sample) if family is not None else (ddim_invert, ddim_sample)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = EditResult(images=[], prompts=prompts, source=source)
     try:
@@ -148,18 +157,18 @@ def edit_image(
                 pipe, source, source_prompt, max_train_steps=max_train_steps, learning_rate=learning_rate,
                 learning_rate_1d=learning_rate_1d, adapter_name=adapter_name, seed=seed, svd_cache=svd_cache,
                 progress=progress)
-            result.shift = to_shift_file({"unet": pipe.unet}, adapter_name,
+            result.shift = to_shift_file(dict([denoiser_of(pipe)]), adapter_name,
                                          base_model=getattr(pipe, "name_or_path", None) or None)
         latents = encode_image(pipe, source)
         if invert:
-            start = ddim_invert(pipe, latents, prompts, num_inference_steps=num_inference_steps, progress=progress)
+            start = invert_latents(pipe, latents, prompts, num_inference_steps=num_inference_steps, progress=progress)
             if slerp_alpha is not None:
                 noise = randn_tensor(start.shape, generator=generator, device=start.device, dtype=start.dtype)
                 start = slerp(slerp_alpha, start, noise)
         else:
             start = randn_tensor((len(prompts), *latents.shape[1:]), generator=generator, device=latents.device,
                                  dtype=latents.dtype)
-        edited = ddim_sample(pipe, start, prompts, num_inference_steps=num_inference_steps,
+        edited = sample_latents(pipe, start, prompts, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, eta=eta, generator=generator, progress=progress)
         result.images = decode_latents(pipe, edited)
     finally:
@@ -174,7 +183,7 @@ def edit_image(
 
 def check_edit_options(*, max_train_steps: int, learning_rate: float, learning_rate_1d: float, invert: bool,
                        eta: float, slerp_alpha: Optional[float], guidance_scale: float, num_inference_steps: int,
-                       resolution: Optional[int]) -> None:
+                       resolution: Optional[int], flow: bool = False) -> None:
     """Refuse options of `edit_image` that are out of range (the `ValueError` names the option and the value), so
     that ``svdiff edit`` fails before the pipeline is loaded."""
     at_least = {"max_train_steps": (max_train_steps, 0), "num_inference_steps": (num_inference_steps, 1),
@@ -189,6 +198,8 @@ def check_edit_options(*, max_train_steps: int, learning_rate: float, learning_r
     if slerp_alpha is not None and not invert:
         raise ValueError("`slerp_alpha` interpolates the inverted latent towards noise; it needs inversion "
                          "(without inversion the start is pure noise already).")
+    if flow and eta > 1:
+        raise ValueError(f"`eta` should be in [0, 1] for flow models (SD3, Flux) but the value passed is {eta}.")
     if slerp_alpha is not None and not 0.0 <= slerp_alpha <= 1.0:
         raise ValueError(f"`slerp_alpha` should be in [0, 1] but the value passed is {slerp_alpha}.")
 
@@ -227,21 +238,24 @@ def _write_outputs(result: EditResult, folder: Path, *, save_shift: bool) -> dic
 
 def load_pipeline(path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
                   device: Optional[str] = None):
-    """A Stable Diffusion 1.x/2.x or SDXL pipeline in float32 (fine-tuning trains against float32 weights), on
-    `device` (default: CUDA when available), without the safety checker (edits are decoded here)."""
+    """A Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 or Flux.1 pipeline in float32 (fine-tuning trains against
+    float32 weights), on `device` (default: CUDA when available), without the safety checker (edits are decoded
+    here); other families are refused before anything is loaded."""
     from diffusers import DiffusionPipeline
 
-    from ..training.prepare import load_model_index
+    from ..training.prepare import load_model_index, model_family
 
     target = check_device(device)
     index = load_model_index(path, revision)
+    model_family(index, repr(path))
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, dtype=torch.float32,
                                              **extra)
-    missing = [name for name in ("unet", "vae", "encode_prompt") if getattr(pipe, name, None) is None]
+    denoiser = "transformer" if flow_family(pipe) is not None else "unet"
+    missing = [name for name in (denoiser, "vae", "encode_prompt") if getattr(pipe, name, None) is None]
     if missing:
         raise ValueError(f"{path!r} is a {type(pipe).__name__} without {missing}; editing needs a Stable Diffusion "
-                         "1.x/2.x or SDXL pipeline.")
+                         "1.x/2.x, SDXL, SD3 / SD3.5 or Flux.1 pipeline.")
     return pipe.to(target)
 
 

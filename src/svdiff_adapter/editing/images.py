@@ -82,6 +82,11 @@ class _VaeInFloat32:
             self.vae.to(self.dtype)
 
 
+def _shift_factor(vae) -> float:
+    # SD3's and Flux's VAEs shift latents before scaling them; SD 1.x/2.x and SDXL VAEs have none.
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 def _latent_statistics(vae, like: torch.Tensor):
     config = vae.config
     if getattr(config, "latents_mean", None) is None or getattr(config, "latents_std", None) is None:
@@ -102,7 +107,7 @@ def encode_image(pipe, image: Image.Image) -> torch.Tensor:
     if statistics is not None:
         mean, std = statistics
         return (latents - mean) * pipe.vae.config.scaling_factor / std
-    return latents * pipe.vae.config.scaling_factor
+    return (latents - _shift_factor(pipe.vae)) * pipe.vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -113,7 +118,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
         mean, std = statistics
         latents = latents * std / pipe.vae.config.scaling_factor + mean
     else:
-        latents = latents / pipe.vae.config.scaling_factor
+        latents = latents / pipe.vae.config.scaling_factor + _shift_factor(pipe.vae)
     with _VaeInFloat32(pipe.vae) as vae:
         pixels = vae.decode(latents.to(vae.device, vae.dtype)).sample
     return tensor_to_images(pixels)

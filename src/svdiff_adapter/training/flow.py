@@ -82,6 +82,23 @@ class FlowFrozen:
         return {name: getattr(self, name) for name in names if self.family == "sd3" or not name.endswith("_3")}
 
 
+def flow_frozen(family: str, components, **options) -> FlowFrozen:
+    """A `FlowFrozen` from a pipeline's components (a pipeline, or its `.components` dict): σ from a fresh
+    `FlowMatchEulerDiscreteScheduler` of its scheduler's config, the transformer's config values, `options` (the
+    weighting scheme and the rest)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    get = components.get if isinstance(components, dict) else lambda name: getattr(components, name, None)
+    transformer = get("transformer")
+    return FlowFrozen(
+        family=family, vae=get("vae"), noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            get("scheduler").config),
+        tokenizer=get("tokenizer"), text_encoder=get("text_encoder"), tokenizer_2=get("tokenizer_2"),
+        text_encoder_2=get("text_encoder_2"), tokenizer_3=get("tokenizer_3"), text_encoder_3=get("text_encoder_3"),
+        joint_attention_dim=transformer.config.joint_attention_dim,
+        guidance_embeds=bool(transformer.config.get("guidance_embeds", False)), **options)
+
+
 @dataclass
 class FlowConditioning:
     """Encoded prompts: the joint-attention text sequence, the pooled CLIP vector and (Flux) the text positions."""

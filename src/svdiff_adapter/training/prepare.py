@@ -157,26 +157,16 @@ def load_components(args: argparse.Namespace, family: Optional[str] = None):
 
 
 def _load_flow_components(args: argparse.Namespace, family: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .flow import FlowFrozen
+    from .flow import flow_frozen
 
     # The pipeline's own loader picks every component's class (T5 or not, CLIP with or without projection).
     components = load_base_pipeline(args).components
-    transformer = components["transformer"]
-    frozen = FlowFrozen(
-        family=family, vae=components["vae"],
-        noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config),
-        tokenizer=components["tokenizer"], text_encoder=components["text_encoder"],
-        tokenizer_2=components["tokenizer_2"], text_encoder_2=components["text_encoder_2"],
-        tokenizer_3=components.get("tokenizer_3"), text_encoder_3=components.get("text_encoder_3"),
-        joint_attention_dim=transformer.config.joint_attention_dim,
-        guidance_embeds=bool(transformer.config.get("guidance_embeds", False)),
-        weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
-        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
-    for model in (transformer, frozen.vae, *frozen.text_encoders.values()):
+    frozen = flow_frozen(family, components, weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean,
+                         logit_std=args.logit_std, mode_scale=args.mode_scale, guidance_scale=args.guidance_scale,
+                         max_sequence_length=args.max_sequence_length)
+    for model in (components["transformer"], frozen.vae, *frozen.text_encoders.values()):
         model.requires_grad_(False)
-    return "transformer", transformer, frozen
+    return "transformer", components["transformer"], frozen
 
 
 def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype = torch.float32, **components):
