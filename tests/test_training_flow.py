@@ -288,13 +288,6 @@ def test_clear_errors_for_unsupported_transformer_families_and_options(model_dir
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"lacks the component\(s\) \['vae'\]"):
         check_base_model(str(folder))
-    subjects = [f"dir={write_images(tmp_path / name, seed=k)},prompt=a photo of {token} dog,class=dog"
-                for k, (name, token) in enumerate((("a", "sks"), ("b", "zwx")))]
-    args = train_args(model_dirs["flux"], tmp_path / "out", "--subject", subjects[0], "--subject", subjects[1],
-                      "--unmix_weight", "0.1")
-    with pytest.raises(NotImplementedError, match="--unmix_weight"):
-        train(args)
-    assert not (tmp_path / "out").exists()
     for option, value in (("--logit_std", "0"), ("--max_sequence_length", "0"), ("--guidance_scale", "nan")):
         with pytest.raises(ValueError, match=option):
             train(train_args(model_dirs["flux"], tmp_path / "out", "--instance_data_dir", "x", "--instance_prompt",

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from .attention import CrossAttentionStore
 from .data import Batch
+from .joint_attention import joint_identifier_weights
 from .loss import combine_losses
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
@@ -172,14 +174,15 @@ def flow_matching_loss(
     generator: Optional[torch.Generator] = None,
     *,
     prior_loss_weight: float = 1.0,
+    unmix_weight: float = 0.0,
+    store: Optional[CrossAttentionStore] = None,
     train_text_encoder: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One forward pass of the SD3 or Flux transformer; returns the total loss (instance + λ · prior) and its parts.
+    """One forward pass of the SD3 or Flux transformer; returns the total loss (instance + λ · prior + the weighted
+    unmix term on Cut-Mix samples, recorded by `install_joint_attention_recorders`) and its parts.
 
     The VAE's latent sample, the noise and σ are drawn from `generator` (on the CPU), so a step is determined by
     the batch and the generator, as in `training_loss`."""
-    from diffusers import FluxPipeline
-
     vae = frozen.vae
     device = next(p for p in transformer.parameters()).device
     with torch.no_grad():
@@ -195,6 +198,29 @@ def flow_matching_loss(
     with torch.set_grad_enabled(train_text_encoder):
         text = encode_flow_prompts(frozen, batch.prompts, device)
     dtype = transformer.dtype if hasattr(transformer, "dtype") else text.hidden.dtype
+    use_unmix = unmix_weight > 0 and store is not None and batch.has_cutmix
+    if use_unmix:
+        n = batch.num_instance
+        t5_length = frozen.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[frozen.family]
+        store.start(joint_identifier_weights(frozen, batch.prompts[:n], batch.pairs, t5_length), batch.masks)
+    try:
+        prediction = _predict(transformer, frozen, noisy, timesteps, text, dtype)
+        unmix = store.loss() if use_unmix else None
+    finally:
+        if use_unmix:
+            store.stop()
+    target = noise - latents
+    weights = loss_weights(frozen.weighting_scheme, sigmas).view(-1, 1, 1, 1)
+    per_sample = (weights * (prediction.float() - target) ** 2).flatten(1).mean(1)
+    return combine_losses(per_sample, batch.num_instance, prior_loss_weight, unmix, unmix_weight)
+
+
+def _predict(transformer, frozen: FlowFrozen, noisy: torch.Tensor, timesteps: torch.Tensor, text: FlowConditioning,
+             dtype) -> torch.Tensor:
+    """The transformer's velocity for unpacked latents, called as the pipeline calls it."""
+    from diffusers import FluxPipeline
+
+    device = noisy.device
     if frozen.family == "flux":
         size, channels, height, width = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, size, channels, height, width)
@@ -203,13 +229,7 @@ def flow_matching_loss(
         prediction = transformer(hidden_states=packed.to(dtype), timestep=timesteps / 1000, guidance=guidance,
                                  pooled_projections=text.pooled.to(dtype), encoder_hidden_states=text.hidden.to(dtype),
                                  txt_ids=text.text_ids, img_ids=image_ids, return_dict=False)[0]
-        scale = vae_scale_factor(vae)
-        prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
-    else:
-        prediction = transformer(hidden_states=noisy.to(dtype), timestep=timesteps,
-                                 encoder_hidden_states=text.hidden.to(dtype),
-                                 pooled_projections=text.pooled.to(dtype), return_dict=False)[0]
-    target = noise - latents
-    weights = loss_weights(frozen.weighting_scheme, sigmas).view(-1, 1, 1, 1)
-    per_sample = (weights * (prediction.float() - target) ** 2).flatten(1).mean(1)
-    return combine_losses(per_sample, batch.num_instance, prior_loss_weight)
+        scale = vae_scale_factor(frozen.vae)
+        return FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+    return transformer(hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=text.hidden.to(dtype),
+                       pooled_projections=text.pooled.to(dtype), return_dict=False)[0]

@@ -23,6 +23,7 @@ from .checkpoint import load_checkpoint, recover_checkpoints, resolve_checkpoint
 from .data import DreamBoothData
 from .images import ImageTransform, load_images
 from .flow import flow_matching_loss
+from .joint_attention import install_joint_attention_recorders
 from .loss import training_loss
 from .optim import make_optimizer, trainable_parameters
 from .publish import push_output, run_validation
@@ -124,9 +125,6 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     # Read (and check) the instance images before anything is written or loaded.
     instance_images = [load_images(s.instance_data_dir, what="instance image") for s in subjects]
     family = base_family(args)
-    if family in FLOW_FAMILIES and args.unmix_weight > 0 and len(subjects) > 1:
-        raise NotImplementedError("--unmix_weight: the unmix regularisation is not implemented for the joint attention "
-                                  "of SD3 / Flux yet; train with --unmix_weight 0 (Cut-Mix samples still work).")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         for restored in recover_checkpoints(args.output_dir):
@@ -165,7 +163,10 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     store = None
     if args.unmix_weight > 0 and len(subjects) > 1:
         store = CrossAttentionStore()
-        install_attention_recorders(denoiser, store)
+        if family in FLOW_FAMILIES:
+            install_joint_attention_recorders(denoiser, store, family)
+        else:
+            install_attention_recorders(denoiser, store)
 
     scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr \
         else 1
@@ -197,6 +198,7 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     def step_loss(batch, generator):
         if family in FLOW_FAMILIES:
             return flow_matching_loss(denoiser, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
+                                      unmix_weight=args.unmix_weight, store=store,
                                       train_text_encoder=args.train_text_encoder)
         return training_loss(denoiser, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
                              unmix_weight=args.unmix_weight, store=store, train_text_encoder=args.train_text_encoder)
