@@ -46,6 +46,8 @@ Quick check on a small model (any diffusers UNet folder works with --models)::
     .venv/bin/python benchmarks/training.py --models .bench/small-unet --sample-size 32 --out .bench/training-small
 
 Writes OUT/training.json and OUT/training.md (default OUT: benchmarks/results).
+
+``--flux`` runs the Flux-shaped transformer case instead (benchmarks/training_dit.py, with its options).
 """
 
 from __future__ import annotations
@@ -373,6 +375,11 @@ def markdown(results):
 
 
 def main():
+    if "--flux" in sys.argv[1:]:  # the Flux-shaped transformer case lives in training_dit.py
+        import training_dit
+
+        training_dit.main([a for a in sys.argv[1:] if a != "--flux"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path(".bench/sd15-random"),
                         help="a folder with unet/ in it (make_sd15_random.py output) or a diffusers UNet folder")

@@ -1,5 +1,5 @@
-"""Smoke runs of the benchmark scripts (`benchmarks/gpu.sh --cpu`, `benchmarks/factor_location.py --smoke`): every
-step runs and every number is there.
+"""Smoke runs of the benchmark scripts (`benchmarks/gpu.sh --cpu`, `factor_location.py --smoke`,
+`training.py --flux --smoke`): every step runs and every number is there.
 
 The numbers of a 1/24-width model on a CPU mean nothing; benchmarks/results/dit holds the real CPU run and
 benchmarks/results/gpu a GPU run.
@@ -49,3 +49,17 @@ def test_factor_location_benchmark_runs_every_location(tmp_path):
         assert row["rank"] is None and row["factor_bytes"] > 0 and row["load_s"] > 0
         assert row["steady_forward_s"] > 0 and row["base_forward_s"] > 0
     assert (tmp_path / "factor_location.md").read_text().count("| full |") == 3
+
+
+def test_flux_training_step_benchmark_runs_every_method(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training.py"), "--flux", "--smoke", "--steps",
+                             "1", "--threads", "1", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "training_dit.json").read_text())
+    assert list(results["methods"]) == ["shift_full", "shift_k64", "lora_r16", "full_ft"]
+    for method, row in results["methods"].items():
+        assert row["step_s"] > 0 and row["steps_peak_rss_bytes"] > 0 and row["trainable_moved"], method
+    trainable = {m: r["trainable_params"] for m, r in results["methods"].items()}
+    assert trainable["shift_k64"] < trainable["shift_full"] < trainable["lora_r16"] < trainable["full_ft"]
+    assert "full-spectrum step / full fine-tuning step" in (tmp_path / "training_dit.md").read_text()
