@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
                "threads": args.threads, "rank": args.rank, "tokens": args.tokens, "text_tokens": args.text_tokens,
                "steps": args.steps, "warmup": args.warmup,
                "model": f"FluxTransformer2DModel, {args.double} double + {args.single} single blocks at {width}",
-               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
+               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                "loadavg_start": [round(x, 2) for x in os.getloadavg()], "methods": {}}
     common = ["--double", str(args.double), "--single", str(args.single), "--rank", str(args.rank), "--tokens",
               str(args.tokens), "--text-tokens", str(args.text_tokens), "--steps", str(args.steps), "--warmup",

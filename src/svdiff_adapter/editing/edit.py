@@ -243,12 +243,13 @@ def load_pipeline(path: str, *, revision: Optional[str] = None, variant: Optiona
     here); other families are refused before anything is loaded."""
     from diffusers import DiffusionPipeline
 
-    from ..training.prepare import load_model_index, model_family
+    from ..training.prepare import absent_components, load_model_index, model_family
 
     target = check_device(device)
     index = load_model_index(path, revision)
     model_family(index, repr(path))
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    extra.update(absent_components(index))
     pipe = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, dtype=torch.float32,
                                              **extra)
     denoiser = "transformer" if flow_family(pipe) is not None else "unet"

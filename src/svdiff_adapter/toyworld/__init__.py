@@ -7,7 +7,9 @@
 >>> tw.judge_images(images)                          # {"shape": [...], "color": [...], ...}
 
 The bundled assets live in ``svdiff_adapter/toyworld/assets/`` (see ``docs/toyworld.md`` for how they are built):
-``pipeline/`` (a ``StableDiffusionPipeline`` folder, fp16 storage) and ``judge.safetensors``.
+``pipeline/`` (a ``StableDiffusionPipeline`` folder, fp16 storage), ``dit/`` (a ``StableDiffusion3Pipeline`` folder:
+a small MMDiT trained with rectified flow on the same world, sharing the VAE, tokenizer and text encoder; load it with
+``load_toyworld_pipeline(DIT_DIR)``) and ``judge.safetensors``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .tokenizer import IDENTIFIERS, load_tokenizer
 __all__ = [
     "ASSETS_DIR",
     "PIPELINE_DIR",
+    "DIT_DIR",
     "JUDGE_PATH",
     "AssetsMissingError",
     "assets_available",
@@ -81,6 +84,7 @@ __all__ = [
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 PIPELINE_DIR = ASSETS_DIR / "pipeline"
+DIT_DIR = ASSETS_DIR / "dit"
 JUDGE_PATH = ASSETS_DIR / "judge.safetensors"
 
 _BUILD_HINT = (
@@ -101,15 +105,21 @@ def assets_available() -> dict[str, bool]:
 
 
 def load_toyworld_pipeline(path: Union[str, Path, None] = None, device: str = "cpu", dtype=None):
-    """Load the toy-world pipeline (default: the bundled one) in float32 unless ``dtype``: an
-    ``svdiff_adapter.StableDiffusionPipeline``, so ``pipe.load_spectral_shift(...)`` works on it."""
+    """Load a toy-world pipeline (default: the bundled UNet one; ``DIT_DIR`` for the bundled DiT) in float32 unless
+    ``dtype``: an ``svdiff_adapter.StableDiffusionPipeline`` (or ``StableDiffusion3Pipeline`` for a DiT folder,
+    loaded without T5 as diffusers documents), so ``pipe.load_spectral_shift(...)`` works on it."""
     import torch
 
-    from ..loaders.pipelines import StableDiffusionPipeline
+    from ..loaders.pipelines import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     path = Path(path) if path is not None else PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise AssetsMissingError(f"no toy-world pipeline at {path}. {_BUILD_HINT}")
+    if json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusion3Pipeline":
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None,
+                                                        dtype=dtype or torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -170,16 +170,21 @@ def _load_flow_components(args: argparse.Namespace, family: str):
 
 
 def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype = torch.float32, **components):
-    """The base model's text-to-image pipeline (SD or SDXL, from its model_index.json), safety checker off;
-    `components` replace loaded ones (e.g. the UNet being trained)."""
+    """The base model's text-to-image pipeline (its model_index.json's class), safety checker off; `components`
+    replace loaded ones (e.g. the UNet being trained)."""
     from diffusers import DiffusionPipeline
 
-    extra = {"safety_checker": None, "requires_safety_checker": False}
     config = load_model_index(args.pretrained_model_name_or_path, args.revision)
-    if "safety_checker" not in config:
-        extra = {}
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+    extra.update(absent_components(config))
     return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, revision=args.revision,
                                              variant=args.variant, **extra, **components)
+
+
+def absent_components(index: dict) -> dict:
+    """None for each component a pipeline was saved without ([null, null] in model_index.json, e.g. SD3 without
+    T5): diffusers only loads such a folder when they are passed as None."""
+    return {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
 
 
 def target_kinds(text: str) -> list[str]:
