@@ -10,11 +10,16 @@
 5. writes outputs/quickstart.png (a labelled grid) and outputs/quickstart.json (the judge's scores).
 
     python examples/quickstart.py            # or: make demo
+    python examples/quickstart.py --model dit   # the same on the bundled toy DiT (an SD3 pipeline, flow matching)
+
+With ``--model dit`` the subject is trained on the toy DiT with the flow-matching loss and the outputs are
+``quickstart_dit.png`` / ``quickstart_dit.json``; step 4 is skipped (the shipped shift belongs to the UNet model).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,9 +28,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import svdiff_adapter as sa
 from svdiff_adapter import toyworld as tw
-from svdiff_adapter.toyworld.personalize import ShiftRecipe, leakage, subject_scores, train_subject_shift
+from svdiff_adapter.toyworld.personalize import (
+    DIT_RECIPE,
+    ShiftRecipe,
+    leakage,
+    subject_scores,
+    train_subject_shift,
+)
 
 
 SHIPPED_SHIFT = tw.ASSETS_DIR / "shifts" / "dotted_square"
@@ -36,7 +46,9 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subject", default="split_circle", choices=sorted(tw.SUBJECTS))
-    parser.add_argument("--max_train_steps", type=int, default=ShiftRecipe.max_train_steps)
+    parser.add_argument("--model", default="unet", choices=["unet", "dit"],
+                        help="the bundled UNet model, or the bundled DiT (SD3 pipeline, flow matching)")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="default: the model's recipe")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs"))
     parser.add_argument("--per_background", type=int, default=8, help="samples per background for the scores")
     # One thread: the toy model's ops are tiny, so a second thread gains little, and when another process holds a
@@ -81,19 +93,23 @@ def main():
     torch.set_num_threads(args.threads)
     started = time.time()
     out = args.output_dir
-    run_dir = out / "quickstart"
+    dit = args.model == "dit"
+    name = "quickstart_dit" if dit else "quickstart"
+    pipeline_dir = tw.DIT_DIR if dit else tw.PIPELINE_DIR
+    run_dir = out / name
     subject = tw.get_subject(args.subject)
     judge = tw.load_judge()
 
     # 1-2. Train on 5 images of the subject (the trainer loads the bundled pipeline itself).
-    recipe = ShiftRecipe(max_train_steps=args.max_train_steps)
+    recipe = DIT_RECIPE if dit else ShiftRecipe()
+    if args.max_train_steps is not None:
+        recipe = dataclasses.replace(recipe, max_train_steps=args.max_train_steps)
     train_started = time.time()
-    train_subject_shift(subject, run_dir, recipe=recipe)
+    train_subject_shift(subject, run_dir, pipeline_dir=pipeline_dir, recipe=recipe)
     train_seconds = time.time() - train_started
 
     # 3. Reload the saved shift into a pipeline, as a user would.
-    pipe = sa.StableDiffusionPipeline.from_pretrained(tw.PIPELINE_DIR, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tw.load_toyworld_pipeline(pipeline_dir)  # svdiff_adapter's StableDiffusion(3)Pipeline
     base_scores = subject_scores(pipe, subject, per_background=args.per_background, judge=judge)
     base_leak = leakage(pipe, subject, judge=judge)
     pipe.load_spectral_shift(run_dir, adapter_name="subject")
@@ -105,38 +121,39 @@ def main():
     pipe.disable_lora()  # diffusers' switch: all adapters off, the base model
     base_images = to_pil(tw.generate(pipe, new_contexts, seed=7))
     pipe.enable_lora()
+    rows = [(f"base model\n'{subject.prompt('<bg>')}'", base_images),
+            ("with the trained shift\n(trained on white/black/gray)", shifted_images)]
 
-    # 4. Compose with the shipped shift: weights a and 1 - a act inside the ReLU.
-    shipped = tw.get_subject(SHIPPED_SUBJECT)
-    pipe.load_spectral_shift(SHIPPED_SHIFT, adapter_name="shipped")
-    pipe.enable_spectral_switch_cache()  # each new (a, 1 - a) is then a linear update of the weights
-    composed_prompts = [subject.prompt("blue"), shipped.prompt("blue", SHIPPED_IDENTIFIER)]
-    composition, composition_rows = [], {prompt: [] for prompt in composed_prompts}
-    for alpha in ALPHAS:
-        pipe.set_adapters(["subject", "shipped"], weights=[alpha, 1 - alpha])
-        images = tw.generate(pipe, [p for p in composed_prompts for _ in range(4)], seed=11)
-        judged = tw.judge_images(images, judge=judge)
-        rates = {}
-        for k, (prompt, who) in enumerate(zip(composed_prompts, (subject, shipped))):
-            rows = range(4 * k, 4 * k + 4)
-            rates[who.name] = sum(judged["pattern"][i] == who.pattern and judged["shape"][i] == who.shape
-                                  for i in rows) / 4
-            composition_rows[prompt].append(to_pil(images[4 * k:4 * k + 1])[0])
-        composition.append({"a": alpha, **rates})
+    # 4. Compose with the shipped shift (UNet model): weights a and 1 - a act inside the ReLU.
+    composition = []
+    if not dit:
+        shipped = tw.get_subject(SHIPPED_SUBJECT)
+        pipe.load_spectral_shift(SHIPPED_SHIFT, adapter_name="shipped")
+        pipe.enable_spectral_switch_cache()  # each new (a, 1 - a) is then a linear update of the weights
+        composed_prompts = [subject.prompt("blue"), shipped.prompt("blue", SHIPPED_IDENTIFIER)]
+        composition_rows = {prompt: [] for prompt in composed_prompts}
+        for alpha in ALPHAS:
+            pipe.set_adapters(["subject", "shipped"], weights=[alpha, 1 - alpha])
+            images = tw.generate(pipe, [p for p in composed_prompts for _ in range(4)], seed=11)
+            judged = tw.judge_images(images, judge=judge)
+            rates = {}
+            for k, (prompt, who) in enumerate(zip(composed_prompts, (subject, shipped))):
+                indices = range(4 * k, 4 * k + 4)
+                rates[who.name] = sum(judged["pattern"][i] == who.pattern and judged["shape"][i] == who.shape
+                                      for i in indices) / 4
+                composition_rows[prompt].append(to_pil(images[4 * k:4 * k + 1])[0])
+            composition.append({"a": alpha, **rates})
+        rows += [(f"a = 0, .25, .5, .75, 1 (left to right)\n'{prompt}'", composition_rows[prompt])
+                 for prompt in composed_prompts]
 
-    grid = labelled_grid(
-        [(f"base model\n'{subject.prompt('<bg>')}'", base_images),
-         ("with the trained shift\n(trained on white/black/gray)", shifted_images)]
-        + [(f"a = 0, .25, .5, .75, 1 (left to right)\n'{prompt}'", composition_rows[prompt])
-           for prompt in composed_prompts],
-        column_labels=list(tw.BACKGROUNDS),
-    )
+    grid = labelled_grid(rows, column_labels=list(tw.BACKGROUNDS))
     out.mkdir(parents=True, exist_ok=True)
-    grid.save(out / "quickstart.png")
-    labelled_grid([("training images", training_images(run_dir))], []).save(out / "quickstart_training_images.png")
+    grid.save(out / f"{name}.png")
+    labelled_grid([("training images", training_images(run_dir))], []).save(out / f"{name}_training_images.png")
 
     shift_file = run_dir / "spectral_shift_weights.safetensors"
     metrics = {
+        "model": args.model,
         "subject": subject.name,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
@@ -148,7 +165,7 @@ def main():
         "class_prompt_leakage": {"base": base_leak, "shift": leak},
         "composition_on_blue": composition,
     }
-    (out / "quickstart.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     held_out = [bg for bg in tw.BACKGROUNDS if bg not in recipe.backgrounds]
     print(f"\nTrained '{subject.name}' in {train_seconds:.0f} s; shift file {shift_file.stat().st_size / 1024:.0f} KiB.")
     print("Judged as the subject, base -> shift: " + ", ".join(
@@ -156,9 +173,10 @@ def main():
         for bg in tw.BACKGROUNDS))
     print(f"Requested background obeyed with the shift: {scores['background_mean']:.0%}; "
           f"class prompt turned into the subject: {base_leak:.0%} -> {leak:.0%}.")
-    print("Composition a·subject + (1-a)·shipped: " + ", ".join(
-        f"a={c['a']}: {c[subject.name]:.0%}/{c[shipped.name]:.0%}" for c in composition))
-    print(f"Wrote {out / 'quickstart.png'} and {out / 'quickstart.json'} in {time.time() - started:.0f} s.")
+    if composition:
+        print("Composition a·subject + (1-a)·shipped: " + ", ".join(
+            f"a={c['a']}: {c[subject.name]:.0%}/{c[SHIPPED_SUBJECT]:.0%}" for c in composition))
+    print(f"Wrote {out / (name + '.png')} and {out / (name + '.json')} in {time.time() - started:.0f} s.")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The fine-tuning methods compared by the quality benchmark, each set up on a loaded toy-world pipeline.
+"""The fine-tuning methods compared by the quality benchmark, each set up on a loaded toy-world pipeline (the UNet
+one, or the DiT one: the denoiser is `pipe.unet` or `pipe.transformer`, the text encoders those the trainer shifts).
 
 Every method trains through the same loop (run.py) on the same batches; only what is trainable differs:
 - ``spectral``: SVDiff spectral shifts (the package's `add_spectral_shift` + `make_optimizer`, 1-D norm shifts at
-  1e-6 as in the trainer);
-- ``lora``: PEFT LoRA on the attention projections, as diffusers' `train_dreambooth_lora.py` targets them (UNet
-  to_q/to_k/to_v/to_out.0; text encoder q/k/v/out_proj), lora_alpha = rank, gaussian init;
-- ``full``: every weight of the UNet (and text encoder).
+  1e-6 as in the trainer), full spectrum or the top ``spectral_rank`` singular values;
+- ``lora``: PEFT LoRA on the attention projections, as diffusers' `train_dreambooth_lora.py` (and its SD3 / Flux
+  variants) targets them (to_q/to_k/to_v/to_out.0; text encoder q/k/v/out_proj), lora_alpha = rank, gaussian init;
+- ``full``: every weight of the denoiser (and text encoders).
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ class MethodSpec:
     kind: str
     learning_rate: float
     train_text_encoder: bool = True
-    rank: Optional[int] = None
+    rank: Optional[int] = None  # LoRA's rank, or the shift's spectral_rank (None: the full spectrum)
 
     @property
     def label(self) -> str:
-        parts = {"spectral": "shift", "lora": f"LoRA r{self.rank}", "full": "full FT"}[self.kind]
+        shift = "shift" if self.rank is None else f"shift k={self.rank}"
+        parts = {"spectral": shift, "lora": f"LoRA r{self.rank}", "full": "full FT"}[self.kind]
         return parts + (" (UNet+TE)" if self.train_text_encoder else " (UNet)")
 
     @property
     def slug(self) -> str:
-        rank = f"r{self.rank}" if self.kind == "lora" else ""
+        rank = f"r{self.rank}" if self.kind == "lora" else (f"k{self.rank}" if self.rank else "")
         return f"{self.kind}{rank}-{'te' if self.train_text_encoder else 'unet'}-lr{self.learning_rate:g}"
 
 
@@ -54,29 +56,44 @@ class Prepared:
     trainable_parameters: int
 
 
-def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2) -> Prepared:
-    """Make `pipe.unet` (and `pipe.text_encoder`) trainable the way `spec` says; returns the optimizer."""
-    models = {"unet": pipe.unet}
+def trained_models(spec: MethodSpec, pipe) -> dict:
+    """Component → model that `spec` trains: the denoiser, and the text encoders the trainer shifts (the UNet
+    pipeline's one; the DiT's two CLIP encoders) when `spec.train_text_encoder`."""
+    from svdiff_adapter.editing import denoiser_of
+
+    name, denoiser = denoiser_of(pipe)
+    models = {name: denoiser}
     if spec.train_text_encoder:
-        models["text_encoder"] = pipe.text_encoder
-    for model in (pipe.unet, pipe.text_encoder, pipe.vae):
-        model.requires_grad_(False)
+        encoders = ("text_encoder", "text_encoder_2") if name == "transformer" else ("text_encoder",)
+        models.update({encoder: getattr(pipe, encoder) for encoder in encoders})
+    return models
+
+
+def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2) -> Prepared:
+    """Make the denoiser (and text encoders) trainable the way `spec` says; returns the optimizer."""
+    models = trained_models(spec, pipe)
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
+            model.requires_grad_(False)
+    encoders = [model for name, model in models.items() if name.startswith("text_encoder")]
+    denoiser = next(model for name, model in models.items() if not name.startswith("text_encoder"))
     if spec.kind == "spectral":
-        add_spectral_shift(pipe.unet, SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"]), ADAPTER,
+        add_spectral_shift(denoiser, SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"],
+                                                         spectral_rank=spec.rank), ADAPTER,
                            svd_cache=False, progress=False)
-        if spec.train_text_encoder:
-            add_spectral_shift(pipe.text_encoder, SpectralShiftConfig(target_kinds=["linear", "embedding", "norm"]),
+        for encoder in encoders:
+            add_spectral_shift(encoder, SpectralShiftConfig(target_kinds=["linear", "embedding", "norm"],
+                                                            spectral_rank=spec.rank),
                                ADAPTER, svd_cache=False, progress=False)
         optimizer = make_optimizer(models, ADAPTER, spec.learning_rate, 1e-6, weight_decay=weight_decay)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
     else:
         if spec.kind == "lora":
-            pipe.unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian",
-                                             target_modules=UNET_LORA_TARGETS), ADAPTER)
-            if spec.train_text_encoder:
-                pipe.text_encoder.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.rank,
-                                                         init_lora_weights="gaussian",
-                                                         target_modules=TEXT_LORA_TARGETS), ADAPTER)
+            denoiser.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian",
+                                            target_modules=UNET_LORA_TARGETS), ADAPTER)
+            for encoder in encoders:
+                encoder.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian",
+                                               target_modules=TEXT_LORA_TARGETS), ADAPTER)
         elif spec.kind == "full":
             for model in models.values():
                 model.requires_grad_(True)
@@ -94,9 +111,7 @@ def save(spec: MethodSpec, pipe, folder: Path) -> int:
     trained weights in float32 (what a full DreamBooth checkpoint of these components holds).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    components = {"unet": pipe.unet}
-    if spec.train_text_encoder:
-        components["text_encoder"] = pipe.text_encoder
+    components = trained_models(spec, pipe)
     if spec.kind == "spectral":
         path = folder / "spectral_shift_weights.safetensors"
         save_spectral_shift(path, components, ADAPTER)

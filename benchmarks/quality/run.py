@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multi  # noqa: E402
-from methods import MethodSpec, prepare, save  # noqa: E402
+from methods import MethodSpec, prepare, save, trained_models  # noqa: E402
 
 from diffusers import DDPMScheduler  # noqa: E402
 
@@ -35,7 +35,10 @@ from svdiff_adapter import toyworld as tw  # noqa: E402
 from svdiff_adapter.toyworld.evaluate import evaluate_prompts  # noqa: E402
 from svdiff_adapter.toyworld.personalize import leakage, subject_scores, write_subject_images  # noqa: E402
 from svdiff_adapter.toyworld.world import Subject  # noqa: E402
+from svdiff_adapter.editing import denoiser_of, flow_family  # noqa: E402
 from svdiff_adapter.training.attention import CrossAttentionStore, install_attention_recorders  # noqa: E402
+from svdiff_adapter.training.flow import flow_frozen, flow_matching_loss  # noqa: E402
+from svdiff_adapter.training.joint_attention import install_joint_attention_recorders  # noqa: E402
 from svdiff_adapter.training.data import DreamBoothData  # noqa: E402
 from svdiff_adapter.training.images import ImageTransform, load_images  # noqa: E402
 from svdiff_adapter.training.loss import Frozen, training_loss  # noqa: E402
@@ -58,8 +61,9 @@ ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ data
-def training_data(out: Path, subject: Subject, seed: int, with_prior: bool) -> DreamBoothData:
-    """The quickstart recipe's data: one caption per training background, prior images per background."""
+def training_data(out: Path, subject: Subject, seed: int, with_prior: bool, pipeline_dir=None) -> DreamBoothData:
+    """The quickstart recipe's data: one caption per training background, prior images per background (drawn by
+    the pipeline in `pipeline_dir`, default the bundled UNet one)."""
     subjects, class_images = [], []
     for index, background in enumerate(TRAIN_BACKGROUNDS):
         count = len(range(index, NUM_IMAGES, len(TRAIN_BACKGROUNDS)))
@@ -72,7 +76,7 @@ def training_data(out: Path, subject: Subject, seed: int, with_prior: bool) -> D
         if with_prior:
             class_dir = out / "data" / f"class-{subject.shape}" / background
             ensure_class_images(str(class_dir), training_subject.class_prompt, NUM_CLASS_IMAGES,
-                                lambda: tw.load_toyworld_pipeline(), resolution=64, sample_batch_size=25,
+                                lambda: tw.load_toyworld_pipeline(pipeline_dir), resolution=64, sample_batch_size=25,
                                 num_inference_steps=25, seed=index)
             class_images.append(load_images(str(class_dir), what="class image")[:NUM_CLASS_IMAGES])
     return DreamBoothData(subjects, ImageTransform(64), cutmix_prob=0.0, with_prior_preservation=with_prior,
@@ -84,21 +88,35 @@ def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_wei
     """Train `spec` on batches `data.sample(BATCH, generator)`; `unmix_weight` > 0 adds the unmix regularisation
     on the batches' Cut-Mix samples; `prior_loss_weight` is λ, `weight_decay` AdamW's."""
     prepared = prepare(spec, pipe, weight_decay=weight_decay)
-    frozen = Frozen(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
-    store = None
-    if unmix_weight > 0:
-        store = CrossAttentionStore()
-        install_attention_recorders(pipe.unet, store)
-    pipe.unet.train()
-    pipe.text_encoder.train(spec.train_text_encoder)
+    name, denoiser = denoiser_of(pipe)
+    family = flow_family(pipe)
+    store = CrossAttentionStore() if unmix_weight > 0 else None
+    if family is not None:  # the toy DiT: flow matching, unmix on joint attention
+        frozen = flow_frozen(family, pipe)
+        if store is not None:
+            install_joint_attention_recorders(denoiser, store, family)
+
+        def loss_of(batch, generator):
+            return flow_matching_loss(denoiser, frozen, batch, generator, train_text_encoder=spec.train_text_encoder,
+                                      unmix_weight=unmix_weight, store=store, prior_loss_weight=prior_loss_weight)
+    else:
+        frozen = Frozen(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+        if store is not None:
+            install_attention_recorders(denoiser, store)
+
+        def loss_of(batch, generator):
+            return training_loss(denoiser, frozen, batch, generator, train_text_encoder=spec.train_text_encoder,
+                                 unmix_weight=unmix_weight, store=store, prior_loss_weight=prior_loss_weight)
+    encoders = [model for component, model in trained_models(spec, pipe).items() if component != name]
+    denoiser.train()
+    for encoder in encoders:
+        encoder.train()
     started, losses, unmix_losses = time.time(), [], []
     for step in tqdm(range(steps), desc=spec.slug, leave=False):
         # Batches, noise and timesteps depend on (seed, step) only: every method sees the same ones.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        loss, parts = training_loss(pipe.unet, frozen, data.sample(BATCH, generator), generator,
-                                    train_text_encoder=spec.train_text_encoder, unmix_weight=unmix_weight,
-                                    store=store, prior_loss_weight=prior_loss_weight)
+        loss, parts = loss_of(data.sample(BATCH, generator), generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prepared.parameters, 1.0)
         prepared.optimizer.step()
@@ -106,8 +124,9 @@ def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_wei
         losses.append(parts["loss"])
         if "unmix_loss" in parts:
             unmix_losses.append(parts["unmix_loss"])
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    denoiser.eval()
+    for encoder in encoders:
+        encoder.eval()
     for parameter in prepared.parameters:
         parameter.requires_grad_(False)
     result = {"train_seconds": round(time.time() - started, 1), "trainable_parameters": prepared.trainable_parameters,

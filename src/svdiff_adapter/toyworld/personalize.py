@@ -39,6 +39,10 @@ class ShiftRecipe:
     extra_args: list[str] = field(default_factory=list)
 
 
+# The same recipe on the toy DiT (`DIT_DIR`): its rate chosen by benchmarks/quality/dit.py's sweep (docs/quality.md).
+DIT_RECIPE = ShiftRecipe(learning_rate=2e-2)
+
+
 def write_subject_images(subject: Subject, folder: Union[str, os.PathLike], num_images: int,
                          backgrounds: Sequence[str], seed: int = 0) -> list[Path]:
     """Render ``num_images`` images of ``subject`` (backgrounds cycling) as PNG files in ``folder``."""
