@@ -266,7 +266,7 @@ def report(out: Path, command: str) -> str:
                 lines.append(f"| {label} | {s['runs']} | {s['trained']:.0f} | {s['blue']:.0f} | {s['green']:.0f} "
                              f"| {s['ordinary']:.0f} | {s['leakage']:.0f} | {s['params']:,} |")
         # The ablations ran on fewer seeds: the default on those seeds is their fair reference.
-        ablation_seeds = {r["seed"] for r in rows if r["method"] in {v.label for v in ABLATIONS}}
+        ablation_seeds = {r["seed"] for r in rows if r.get("method") in {v.label for v in ABLATIONS}}
         default = METHODS[0].label
         chosen = [r for r in rows if r["subject_name"] in names and r["method"] == default
                   and r["seed"] in ablation_seeds]
