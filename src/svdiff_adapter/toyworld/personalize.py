@@ -39,7 +39,8 @@ class ShiftRecipe:
     extra_args: list[str] = field(default_factory=list)
 
 
-# The same recipe on the toy DiT (`DIT_DIR`): its rate chosen by benchmarks/quality/dit.py's sweep (docs/quality.md).
+# The recipe on the toy DiT (`DIT_DIR`): the UNet recipe's rate, which personalises the DiT's split circle on every
+# background in the quickstart (docs/toyworld.md); benchmarks/quality/dit.py sweeps it against the alternatives.
 DIT_RECIPE = ShiftRecipe(learning_rate=2e-2)
 
 
