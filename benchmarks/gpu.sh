@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU run, <= 8 minutes on one H200-class GPU: SVD times (full and truncated, float32 on the device) for a
+# One GPU run, about 10 minutes on one H100/H200-class GPU: SVD times (full and truncated, float32 on the device) for a
 # Flux-shaped transformer, bf16 forwards with and without shifts (unfused, fused), load and build times, peak memory;
-# then what each factor_location costs on the device. Results: benchmarks/results/gpu/ (dit.json, dit.log,
-# factor_location.json, factor_location.log). `--cpu` runs the same steps on a 1/24-width model on the CPU
+# then what each factor_location costs on the device, then one training step per method (training_dit.py). Results:
+# benchmarks/results/gpu/ (dit.json, factor_location.json, training_dit.json and their .log files). `--cpu` runs the same steps on a 1/24-width model on the CPU
 # (a smoke test of the script, tests/test_benchmarks.py; numbers meaningless).
 #
 # The GPU machine has torch but not diffusers: carry its wheel (pure Python) and this package's source:
@@ -28,4 +28,11 @@ else
     fl_args=(--device cuda --repeats 3 --ranks 64 --tokens 4096 --text-tokens 512)
 fi
 "$PYTHON" benchmarks/factor_location.py "${fl_args[@]}" --out "$out" 2>&1 | tee "$out/factor_location.log"
+# One training step per method (full / truncated shift, LoRA r16, full fine-tuning) on the Flux-shaped model.
+if [ "${1:-}" = "--cpu" ]; then
+    td_args=(--device cpu --smoke --threads 1 --steps 1)
+else
+    td_args=(--device cuda --steps 3 --tokens 4096 --text-tokens 512)
+fi
+"$PYTHON" benchmarks/training_dit.py "${td_args[@]}" --out "$out" 2>&1 | tee "$out/training_dit.log"
 echo "results in $out"

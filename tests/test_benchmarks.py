@@ -36,6 +36,8 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     locations = json.loads((tmp_path / "factor_location.json").read_text())
     assert [row["location"] for row in locations] == ["device", "cpu", "disk"]
     assert all(row["rank"] == 64 and row["device"] == "cpu" for row in locations)
+    training = json.loads((tmp_path / "training_dit.json").read_text())
+    assert training["device"] == "cpu" and all(row["step_s"] > 0 for row in training["methods"].values())
 
 
 def test_factor_location_benchmark_runs_every_location(tmp_path):
