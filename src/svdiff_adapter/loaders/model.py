@@ -37,12 +37,7 @@ from ..svd import SpectralFactors, TruncatedSVD, compute_factors, factor_dtype_o
 from ..tuner import SpectralShiftConfig, SpectralShiftLayer, remove_spectral_layers, spectral_layers, svd_options
 from ..tuner.layer import find_spectral_layer
 from ..tuner.model import check_same_truncation
-from ..tuner.targets import (
-    ShiftTarget,
-    fit_shifts,
-    resolve_targets,
-    uses_factors,
-)
+from ..tuner.targets import ShiftTarget, fit_shifts, resolve_targets
 from .diffusers_compat import mark_peft_loaded
 from .fused_layouts import check_layout, guard_layout_changes
 

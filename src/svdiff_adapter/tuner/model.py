@@ -15,7 +15,6 @@ from torch import nn
 from ..factor_location import check_factor_location
 from ..spectral import weight_matrix
 from ..svd import SpectralFactors, SVDCache, compute_factors, factor_dtype_of, truncation_for
-from .config import SpectralShiftConfig
 from .layer import SpectralShiftLayer, find_spectral_layer, layer_class_for
 from .targets import is_excluded, module_kind, raw_module, resolve_targets, uses_factors
 
