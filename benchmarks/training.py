@@ -215,10 +215,11 @@ def worker(args) -> dict:
     return row
 
 
-def run_worker_main(args) -> None:
+def run_worker_main(args, work=None) -> None:
+    """Run `work(args)` (default: this script's `worker`) and print its row as the only line of stdout."""
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout carries only the JSON
-        row = worker(args)
+        row = (work or worker)(args)
     real_stdout.write(json.dumps(row) + "\n")
     real_stdout.flush()
 

@@ -30,7 +30,6 @@ peak memory; full-spectrum step ≤ 1.2× full fine-tuning's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -217,11 +216,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        real_stdout = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout carries only the JSON
-            row = worker(args)
-        real_stdout.write(json.dumps(row) + "\n")
-        return row
+        from training import run_worker_main
+
+        run_worker_main(args, worker)
+        return {}
 
     import torch
 
