@@ -489,9 +489,10 @@ def test_two_process_ddp_run(tiny_model_dir, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
 
 
-def two_process_run(model_dir, tmp_path, *extra, port=29517):
+def two_process_run(model_dir, tmp_path, *extra, port=29517, environment=None):
     """Train 2 steps on two CPU processes (torchrun + gloo) into tmp_path/out; returns each rank's δ (and norm
-    shifts) after training, as state dicts."""
+    shifts) after training, as state dicts. Each rank also writes, to tmp_path/rankN.json, how many of its trained
+    models' parameters are sharded (DTensors) and how many elements of them it holds locally and in all."""
     instance = write_images(tmp_path / "dog")
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -504,8 +505,14 @@ def two_process_run(model_dir, tmp_path, *extra, port=29517):
         "from svdiff_adapter.training.checkpoint import shift_state\n"
         "rank = PartialState().process_index\n"
         f"save_file(shift_state(result['models'], 'default'), '{tmp_path}/rank%d.safetensors' % rank)\n"
+        "import json\n"
+        "from torch.distributed.tensor import DTensor\n"
+        "params = [p for m in result['models'].values() for p in m.parameters() if isinstance(p, DTensor)]\n"
+        "counts = {'sharded': len(params), 'local': sum(p.to_local().numel() for p in params),\n"
+        "          'total': sum(p.numel() for p in params)}\n"
+        f"open('{tmp_path}/rank%d.json' % rank, 'w').write(json.dumps(counts))\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **(environment or {})}
     # torchrun sets RANK/WORLD_SIZE and ACCELERATE_USE_CPU makes accelerate pick multi-CPU DDP over gloo
     # (`accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),

@@ -27,6 +27,14 @@ from .joint_attention import install_joint_attention_recorders
 from .loss import training_loss
 from .optim import make_optimizer, trainable_parameters
 from .publish import push_output, run_validation
+from .sharding import (
+    accelerate_without_fsdp,
+    average_gradients,
+    release_inference_weights,
+    shard_models,
+    sharding_plan,
+    sharding_requested,
+)
 from .prepare import (
     FLOW_FAMILIES,
     base_family,
@@ -118,8 +126,12 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     report_to = _available_tracker(args.report_to)
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
                                                                                          args.logging_dir))
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
+    # An FSDP launch: the trainer shards the base weights itself (`sharding.py`); accelerate runs plain processes.
+    plan = sharding_plan() if sharding_requested() else None
+    with accelerate_without_fsdp() if plan else contextlib.nullcontext():
+        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
+    sharded = plan is not None and accelerator.num_processes > 1
     set_seed(args.seed)
     subjects = build_subjects(args)
     # Read (and check) the instance images before anything is written or loaded.
@@ -184,10 +196,16 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
     for component, model in frozen.text_encoders.items():
         if component not in trained:
             model.to(accelerator.device, dtype=weight_dtype)
-    components = list(trained)
-    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
-    wrapped = dict(zip(components, prepared[: len(components)]))
-    optimizer, lr_scheduler = prepared[len(components):]
+    if sharded:
+        blocks = shard_models(trained, accelerator.device, accelerator.num_processes, plan)
+        logger.info("FSDP: sharded %s", {component: len(names) for component, names in blocks.items()})
+        wrapped = dict(trained)
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    else:
+        components = list(trained)
+        prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+        wrapped = dict(zip(components, prepared[: len(components)]))
+        optimizer, lr_scheduler = prepared[len(components):]
     denoiser = wrapped[denoiser_name]
     models = {component: accelerator.unwrap_model(model) for component, model in wrapped.items()}
     # The loss calls the (DDP-wrapped) trained text encoders.
@@ -241,6 +259,8 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
                         with accelerator.autocast():
                             loss, parts = step_loss(batch, generator)
                         accelerator.backward(loss)
+                        if sharded and accelerator.sync_gradients:
+                            average_gradients(trainable_parameters(optimizer), accelerator.num_processes)
                         if accelerator.sync_gradients and args.max_grad_norm:
                             accelerator.clip_grad_norm_(list(trainable_parameters(optimizer)), args.max_grad_norm)
                         optimizer.step()
@@ -257,8 +277,11 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                     checkpoint_now(global_step)
                 if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
-                    if accelerator.is_main_process:
-                        run_validation(args, accelerator, models, frozen, global_step)
+                    if accelerator.is_main_process or sharded:  # sharded: every process runs the models
+                        run_validation(args, accelerator, models, frozen, global_step,
+                                       save=accelerator.is_main_process)
+                    if sharded:
+                        release_inference_weights(models)
                 if step_callback is not None:
                     step_callback(global_step, logs)
     except KeyboardInterrupt as error:

@@ -10,9 +10,10 @@ from ..format import DEFAULT_WEIGHT_NAME
 from .subjects import Subject
 
 
-def run_validation(args, accelerator, models, frozen, step: int) -> list:
+def run_validation(args, accelerator, models, frozen, step: int, save: bool = True) -> list:
     """Render `--num_validation_images` for `--validation_prompt` into output_dir/validation/ with the models being
-    trained (`models`: component → unwrapped model) and the frozen parts."""
+    trained (`models`: component → unwrapped model) and the frozen parts; `save=False` only renders (the processes
+    other than the main one of a sharded run, whose models need every process)."""
     from diffusers import DPMSolverMultistepScheduler
 
     from .loss import Frozen
@@ -25,15 +26,17 @@ def run_validation(args, accelerator, models, frozen, step: int) -> list:
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
     folder = Path(args.output_dir) / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
+    if save:
+        folder.mkdir(parents=True, exist_ok=True)
     images = []
     with torch.no_grad():
         for index in range(args.num_validation_images):
             image = pipeline(args.validation_prompt, num_inference_steps=args.validation_inference_steps,
                              height=args.resolution, width=args.resolution, generator=generator).images[0]
-            image.save(folder / f"step-{step:06d}-{index}.png")
+            if save:
+                image.save(folder / f"step-{step:06d}-{index}.png")
             images.append(image)
-    for tracker in accelerator.trackers:
+    for tracker in accelerator.trackers if save else ():
         if tracker.name == "tensorboard":
             import numpy as np
 
