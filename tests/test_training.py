@@ -115,6 +115,38 @@ def test_param_groups_split_matrix_and_norm_shifts(tiny_model_dir):
     assert total == sum(p.numel() for g in optimizer.param_groups for p in g["params"])
 
 
+def test_sigma_step_scale_multiplies_each_step_by_the_singular_values():
+    """Two AdamW runs on the same gradients: with step_scale="sigma" the change of δᵢ is σᵢ times the plain
+    change (σ from a float64 SVD of the weight), weight decay included; norm shifts step as before."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.LayerNorm(9))
+        model.requires_grad_(False)
+        sa.add_spectral_shift(model, sa.SpectralShiftConfig(target_kinds=["linear", "norm"]), svd_cache=False)
+        return model
+
+    def deltas(model):
+        return [model[i].spectral_delta["default"].detach().clone() for i in (0, 1)]
+
+    inputs = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    changes = {}
+    for scale in ("uniform", "sigma"):
+        model = build()
+        with torch.no_grad():  # a non-zero start, so that weight decay takes part
+            model[0].spectral_delta["default"].fill_(0.05)
+        optimizer = make_optimizer({"m": model}, "default", 1e-2, 1e-2, weight_decay=0.5, step_scale=scale)
+        start = deltas(model)
+        model(inputs).square().sum().backward()
+        optimizer.step()
+        changes[scale] = [after - before for after, before in zip(deltas(model), start)]
+    sigma = torch.linalg.svdvals(build()[0].base_layer.weight.double()).float()
+    torch.testing.assert_close(changes["sigma"][0], changes["uniform"][0] * sigma, rtol=1e-5, atol=1e-9)
+    assert changes["uniform"][0].abs().min() > 1e-4 and not torch.allclose(sigma, sigma.mean().expand_as(sigma))
+    torch.testing.assert_close(changes["sigma"][1], changes["uniform"][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="step_scale"):
+        make_optimizer({"m": build()}, "default", step_scale="relative")
+
+
 def test_train_changes_only_delta_and_saves_v1(tiny_model_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -534,6 +566,7 @@ def test_example_script_and_defaults(tiny_model_dir, tmp_path):
 
     defaults = add_train_arguments(argparse.ArgumentParser()).parse_args(["--pretrained_model_name_or_path", "x"])
     assert (defaults.learning_rate, defaults.learning_rate_1d, defaults.cutmix_prob) == (1e-3, 1e-6, 0.6)
+    assert defaults.shift_step_scale == "uniform"
     script = Path(__file__).resolve().parents[1] / "examples" / "train_dreambooth_svdiff.py"
     instance = write_images(tmp_path / "dog")
     completed = subprocess.run(

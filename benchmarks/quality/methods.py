@@ -69,8 +69,9 @@ def trained_models(spec: MethodSpec, pipe) -> dict:
     return models
 
 
-def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2) -> Prepared:
-    """Make the denoiser (and text encoders) trainable the way `spec` says; returns the optimizer."""
+def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2, step_scale: str = "uniform") -> Prepared:
+    """Make the denoiser (and text encoders) trainable the way `spec` says; returns the optimizer (`step_scale`:
+    the shifts', `make_optimizer`)."""
     models = trained_models(spec, pipe)
     for model in pipe.components.values():
         if isinstance(model, torch.nn.Module):
@@ -85,7 +86,8 @@ def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2) -> Prepared:
             add_spectral_shift(encoder, SpectralShiftConfig(target_kinds=["linear", "embedding", "norm"],
                                                             spectral_rank=spec.rank),
                                ADAPTER, svd_cache=False, progress=False)
-        optimizer = make_optimizer(models, ADAPTER, spec.learning_rate, 1e-6, weight_decay=weight_decay)
+        optimizer = make_optimizer(models, ADAPTER, spec.learning_rate, 1e-6, weight_decay=weight_decay,
+                                   step_scale=step_scale)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
     else:
         if spec.kind == "lora":

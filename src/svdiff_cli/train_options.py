@@ -146,6 +146,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's β₂.")
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay.")
     optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's ε.")
+    optim.add_argument("--shift_step_scale", type=str, default="uniform", choices=["uniform", "sigma"],
+                       help="'sigma': each step of δᵢ is multiplied by σᵢ, so --learning_rate is a relative change "
+                            "of the singular values (docs/training.md, 'Step scale').")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: off).")
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Autocast precision; shifts, SVD factors and the UNet's base weights stay fp32.")

@@ -184,7 +184,8 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
         else 1
     optimizer = make_optimizer(trained, name, args.learning_rate * scale, args.learning_rate_1d * scale,
                                betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                               eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
+                               eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam,
+                               step_scale=args.shift_step_scale)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,

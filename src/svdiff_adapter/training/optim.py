@@ -1,5 +1,10 @@
 """Optimizer and learning-rate schedule for spectral shifts: 2-D/4-D shifts and 1-D (norm) shifts in separate
-parameter groups (SVDiff: 1e-3 and 1e-6), AdamW, diffusers' schedules with warmup."""
+parameter groups (SVDiff: 1e-3 and 1e-6), AdamW, diffusers' schedules with warmup.
+
+Step scale "sigma" trains δ relative to σ: every step of δᵢ is multiplied by σᵢ, which for Adam is the step of
+θ = δ / σ (Adam's direction does not depend on the gradient's scale), so the learning rate is a relative change of
+the singular values, the same for every matrix and every model, and small singular values move little.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +32,17 @@ def shift_parameters(models: Mapping[str, nn.Module], adapter_name: str) -> dict
     return groups
 
 
+STEP_SCALES = ("uniform", "sigma")
+
+
 def make_optimizer(models: Mapping[str, nn.Module], adapter_name: str, learning_rate: float = 1e-3,
                    learning_rate_1d: float = 1e-6, *, betas=(0.9, 0.999), weight_decay: float = 1e-2,
-                   eps: float = 1e-8, use_8bit_adam: bool = False) -> torch.optim.Optimizer:
+                   eps: float = 1e-8, use_8bit_adam: bool = False, step_scale: str = "uniform") -> torch.optim.Optimizer:
     """AdamW over the δ of `adapter_name` in every model: group 0 the 2-D/4-D shifts (`learning_rate`), group 1 the
-    1-D norm shifts (`learning_rate_1d`). Empty groups are left out."""
+    1-D norm shifts (`learning_rate_1d`). Empty groups are left out. `step_scale="sigma"` multiplies every step of
+    a matrix shift's δᵢ by its σᵢ (module docstring); norm shifts keep plain steps."""
+    if step_scale not in STEP_SCALES:
+        raise ValueError(f"step_scale must be one of {list(STEP_SCALES)}, not {step_scale!r}.")
     groups = shift_parameters(models, adapter_name)
     param_groups = [
         {"params": [p for _, p in groups[kind]], "lr": lr, "name": kind}
@@ -47,7 +58,42 @@ def make_optimizer(models: Mapping[str, nn.Module], adapter_name: str, learning_
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    optimizer = optimizer_cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    if step_scale == "sigma":
+        scale_steps(optimizer, singular_value_scales(models, adapter_name))
+    return optimizer
+
+
+def singular_value_scales(models: Mapping[str, nn.Module], adapter_name: str) -> dict[nn.Parameter, torch.Tensor]:
+    """σ of every matrix shift's layer, keyed by its δ (float32, on δ's device)."""
+    scales = {}
+    for model in models.values():
+        for module in model.modules():
+            if isinstance(module, SpectralShiftLayer) and adapter_name in module.spectral_delta \
+                    and module.uses_factors:
+                delta = module.spectral_delta[adapter_name]
+                scales[delta] = module.spectral_S.detach().to(delta.device, torch.float32).clone()
+    return scales
+
+
+def scale_steps(optimizer: torch.optim.Optimizer, scales: Mapping[nn.Parameter, torch.Tensor]) -> None:
+    """Multiply each optimizer step of these parameters elementwise by their scale (step hooks: the optimizer's
+    own update, weight decay included, is computed as usual, then its change is rescaled)."""
+    before: dict[nn.Parameter, torch.Tensor] = {}
+
+    def remember(optimizer, args, kwargs):
+        before.clear()
+        before.update({p: p.detach().clone() for p in scales})
+
+    @torch.no_grad()
+    def rescale(optimizer, args, kwargs):
+        for parameter, scale in scales.items():
+            old = before[parameter]
+            parameter.copy_(old + (parameter - old) * scale)
+        before.clear()
+
+    optimizer.register_step_pre_hook(remember)
+    optimizer.register_step_post_hook(rescale)
 
 
 def trainable_parameters(optimizer: torch.optim.Optimizer) -> Iterable[nn.Parameter]:
