@@ -69,9 +69,10 @@ def trained_models(spec: MethodSpec, pipe) -> dict:
     return models
 
 
-def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2, step_scale: str = "uniform") -> Prepared:
+def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2, step_scale: str = "uniform",
+            denoiser_targets: Optional[str] = None) -> Prepared:
     """Make the denoiser (and text encoders) trainable the way `spec` says; returns the optimizer (`step_scale`:
-    the shifts', `make_optimizer`)."""
+    the shifts', `make_optimizer`; `denoiser_targets`: a regex of the denoiser's modules to shift, default all)."""
     models = trained_models(spec, pipe)
     for model in pipe.components.values():
         if isinstance(model, torch.nn.Module):
@@ -80,7 +81,8 @@ def prepare(spec: MethodSpec, pipe, weight_decay: float = 1e-2, step_scale: str 
     denoiser = next(model for name, model in models.items() if not name.startswith("text_encoder"))
     if spec.kind == "spectral":
         add_spectral_shift(denoiser, SpectralShiftConfig(target_kinds=["linear", "conv2d", "norm"],
-                                                         spectral_rank=spec.rank), ADAPTER,
+                                                         spectral_rank=spec.rank, target_modules=denoiser_targets),
+                           ADAPTER,
                            svd_cache=False, progress=False)
         for encoder in encoders:
             add_spectral_shift(encoder, SpectralShiftConfig(target_kinds=["linear", "embedding", "norm"],

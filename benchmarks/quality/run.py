@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -84,11 +85,12 @@ def training_data(out: Path, subject: Subject, seed: int, with_prior: bool, pipe
 
 
 def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_weight: float = 0.0,
-          prior_loss_weight: float = 1.0, weight_decay: float = 1e-2, step_scale: str = "uniform") -> dict:
+          prior_loss_weight: float = 1.0, weight_decay: float = 1e-2, step_scale: str = "uniform",
+          denoiser_targets: Optional[str] = None) -> dict:
     """Train `spec` on batches `data.sample(BATCH, generator)`; `unmix_weight` > 0 adds the unmix regularisation
-    on the batches' Cut-Mix samples; `prior_loss_weight` is λ, `weight_decay` AdamW's, `step_scale` the shifts'
-    (`make_optimizer`)."""
-    prepared = prepare(spec, pipe, weight_decay=weight_decay, step_scale=step_scale)
+    on the batches' Cut-Mix samples; `prior_loss_weight` is λ, `weight_decay` AdamW's; `step_scale` and
+    `denoiser_targets` as `methods.prepare` takes them."""
+    prepared = prepare(spec, pipe, weight_decay=weight_decay, step_scale=step_scale, denoiser_targets=denoiser_targets)
     name, denoiser = denoiser_of(pipe)
     family = flow_family(pipe)
     store = CrossAttentionStore() if unmix_weight > 0 else None

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -64,6 +65,7 @@ class Variant:
     weight_decay: float = 1e-2
     prior_contexts: str = "trained"  # which prior samples: see `prior_pool`
     step_scale: str = "uniform"  # make_optimizer's: "sigma" steps δᵢ relative to σᵢ
+    denoiser_targets: Optional[str] = None  # a regex of the UNet modules to shift (None: all)
     tag: str = ""  # names an ablation of the recipe; empty for a method at its defaults
 
     @property
@@ -89,7 +91,10 @@ ABLATIONS = (Variant(MethodSpec("spectral", 2e-2), prior_loss_weight=2.0, tag="p
              Variant(MethodSpec("spectral", 2e-2), prior_contexts="trained+ordinary", tag="prior-ordinary"),
              Variant(MethodSpec("spectral", 2e-2, train_text_encoder=False)),
              # δ relative to σ (a relative rate; mean σ ≈ 0.7 in the toy UNet, so 3e-2 moves δ as far on average).
-             Variant(MethodSpec("spectral", 3e-2), step_scale="sigma", tag="sigma-step"))
+             Variant(MethodSpec("spectral", 3e-2), step_scale="sigma", tag="sigma-step"),
+             # Custom Diffusion's choice (Kumari et al., CVPR 2023, §3.1): in the UNet only the cross-attention keys
+             # and values, the maps from text into the image, plus the text encoder.
+             Variant(MethodSpec("spectral", 2e-2), denoiser_targets=r".*attn2\.to_[kv]", tag="kv-only"))
 PRIOR_POOL_SIZE = 50  # images per background of the class prompt, and ordinary prompts, in a prior pool
 
 
@@ -187,9 +192,11 @@ def run_one(out: Path, judge, subject: Subject, variant: Variant, seed: int, ste
     result = {"subject_name": subject.name, "set": "tuning" if subject in TUNING else "held-out",
               "method": variant.label, "slug": variant.slug, "seed": seed, "steps": steps,
               "prior_loss_weight": variant.prior_loss_weight, "weight_decay": variant.weight_decay,
-              "step_scale": variant.step_scale, "started": time.strftime("%Y-%m-%d %H:%M")}
+              "step_scale": variant.step_scale, "denoiser_targets": variant.denoiser_targets,
+              "started": time.strftime("%Y-%m-%d %H:%M")}
     result.update(run.train(pipe, variant.spec, data, seed, steps, prior_loss_weight=variant.prior_loss_weight,
-                            weight_decay=variant.weight_decay, step_scale=variant.step_scale))
+                            weight_decay=variant.weight_decay, step_scale=variant.step_scale,
+                            denoiser_targets=variant.denoiser_targets))
     result.update(evaluate(pipe, subject, judge))
     run.write_json(path, result)
 
