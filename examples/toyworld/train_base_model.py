@@ -30,6 +30,7 @@ Outputs in OUT: ``pipeline/`` (loads with ``StableDiffusionPipeline.from_pretrai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -194,6 +195,70 @@ def install_signal_handlers():
     signal.signal(signal.SIGINT, handler)  # also when started in the background (where SIGINT is ignored)
 
 
+class ResumablePhase:
+    """One resumable training phase. The modules (by state-dict prefix) and the optimizer are checkpointed atomically
+    to `path`; `step`, `history` and the seconds of training (evaluations excluded, `paused`) carry across
+    invocations; `running` writes a checkpoint at its end and on Ctrl-C / SIGTERM (then raises `Interrupted`), and
+    `after_step` one every `checkpoint_minutes`. train_pair_model.py and train_dit_model.py use it too."""
+
+    def __init__(self, name: str, path: Path, modules: dict, optimizer, checkpoint_minutes: float, log: Logger):
+        self.name, self.path, self.modules, self.optimizer, self.log = name, path, modules, optimizer, log
+        self.interval = 60 * checkpoint_minutes
+        self.step, self.elapsed, self.history = 0, 0.0, []
+        self.resumed = path.is_file()
+        if self.resumed:
+            tensors, meta = load_tensors(path)
+            for prefix, module in modules.items():
+                module.load_state_dict(unprefixed(tensors, prefix))
+            load_optimizer_tensors(optimizer, tensors, meta["param_groups"])
+            self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta.get("history", [])
+            log(f"{name}: resumed at step {self.step} ({self.elapsed:.0f}s so far)")
+        self._started = self._checkpointed = time.time()
+
+    def seconds(self) -> float:
+        """Training seconds so far, this invocation included."""
+        return self.elapsed + time.time() - self._started
+
+    def save(self) -> None:
+        self.elapsed, self._started = self.seconds(), time.time()
+        tensors, groups = optimizer_tensors(self.optimizer)
+        for prefix, module in self.modules.items():
+            tensors.update(prefixed(module.state_dict(), prefix))
+        save_tensors_atomic(tensors, self.path, {"step": self.step, "elapsed": self.elapsed, "param_groups": groups,
+                                                 "history": self.history})
+        self._checkpointed = time.time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (an evaluation) is not training time."""
+        began = time.time()
+        try:
+            yield
+        finally:
+            self._started += time.time() - began
+
+    def after_step(self) -> None:
+        if time.time() - self._checkpointed > self.interval:
+            self.save()
+
+    @contextlib.contextmanager
+    def running(self, total: int):
+        """The training loop's body runs inside; yields its progress bar."""
+        from tqdm.auto import tqdm
+
+        self._started = self._checkpointed = time.time()
+        bar = tqdm(total=total, initial=self.step, desc=self.name, dynamic_ncols=True)
+        try:
+            yield bar
+        except KeyboardInterrupt:
+            self.save()
+            bar.close()
+            self.log(f"{self.name}: interrupted at step {self.step}; checkpoint saved to {self.path}")
+            raise Interrupted
+        bar.close()
+        self.save()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Phase 1: VAE
 # ------------------------------------------------------------------------------------------------------------------
@@ -211,7 +276,6 @@ def vae_loss(vae, x: torch.Tensor, gen: torch.Generator):
 
 def train_vae(args, ckdir: Path, log: Logger):
     from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
 
     final_dir = ckdir / "vae_final"
     if (final_dir / "config.json").is_file():
@@ -221,31 +285,17 @@ def train_vae(args, ckdir: Path, log: Logger):
     torch.manual_seed(args.seed)
     vae = M.make_vae()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
-    ck = ckdir / "vae.safetensors"
-    step, elapsed = 0, 0.0
-    if ck.is_file():
-        tensors, meta = load_tensors(ck)
-        vae.load_state_dict(unprefixed(tensors, "model."))
-        load_optimizer_tensors(opt, tensors, meta["param_groups"])
-        step, elapsed = meta["step"], meta["elapsed"]
-        log(f"vae: resumed at step {step} ({elapsed:.0f}s so far)")
-    else:
+    phase = ResumablePhase("vae", ckdir / "vae.safetensors", {"model.": vae}, opt, args.checkpoint_minutes, log)
+    if not phase.resumed:
         log(f"vae: {M.count_params(vae)} parameters, {args.vae_steps} steps, batch {args.vae_batch_size}")
 
-    def save():
-        t, groups = optimizer_tensors(opt)
-        t.update(prefixed(vae.state_dict(), "model."))
-        save_tensors_atomic(t, ck, {"step": step, "elapsed": elapsed, "param_groups": groups})
-
     vae.train()
-    t_start, t_ck = time.time(), time.time()
-    bar = tqdm(total=args.vae_steps, initial=step, desc="vae", dynamic_ncols=True)
     losses = []
-    try:
-        while step < args.vae_steps:
+    with phase.running(args.vae_steps) as bar:
+        while phase.step < args.vae_steps:
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 50, 0.0, floor=0.1)
-            gen = step_generator(args.seed, 1, step)
+                g["lr"] = cosine_lr(phase.step, args.vae_steps, args.vae_lr, 50, 0.0, floor=0.1)
+            gen = step_generator(args.seed, 1, phase.step)
             batch = W.make_batch(args.vae_batch_size, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
                                  pattern_fraction=args.vae_pattern_fraction)
             x = W.to_tensor(batch.images)
@@ -254,30 +304,18 @@ def train_vae(args, ckdir: Path, log: Logger):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
-            step += 1
+            phase.step += 1
             losses.append(mse.item())
             bar.update(1)
             bar.set_postfix(mse=f"{mse.item():.4f}")
-            if step % args.log_every == 0 or step == args.vae_steps:
-                now = elapsed + time.time() - t_start
-                log(f"vae step {step}/{args.vae_steps} mse {np.mean(losses):.5f} "
-                    f"psnr~{10 * np.log10(4 / max(np.mean(losses), 1e-12)):.1f}dB elapsed {now:.0f}s")
+            if phase.step % args.log_every == 0 or phase.step == args.vae_steps:
+                log(f"vae step {phase.step}/{args.vae_steps} mse {np.mean(losses):.5f} "
+                    f"psnr~{10 * np.log10(4 / max(np.mean(losses), 1e-12)):.1f}dB elapsed {phase.seconds():.0f}s")
                 losses = []
-            if time.time() - t_ck > 60 * args.checkpoint_minutes:
-                elapsed += time.time() - t_start
-                t_start = time.time()
-                save()
-                t_ck = time.time()
-    except KeyboardInterrupt:
-        elapsed += time.time() - t_start
-        save()
-        bar.close()
-        log(f"vae: interrupted at step {step}; checkpoint saved to {ck}")
-        raise Interrupted
-    bar.close()
-    elapsed += time.time() - t_start
+            phase.after_step()
     vae.eval()
     vae.save_pretrained(final_dir)
+    step, elapsed = phase.step, phase.elapsed
     (ckdir / "vae_done.json").write_text(json.dumps({"steps": step, "seconds": elapsed}) + "\n")
     log(f"vae: done, {step} steps in {elapsed:.0f}s ({step / max(elapsed, 1e-9):.2f} steps/s)")
     return vae
@@ -389,8 +427,6 @@ def denoising_loss(unet, te, z0: torch.Tensor, ids: torch.Tensor, gen: torch.Gen
 
 
 def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, log: Logger):
-    from tqdm.auto import tqdm
-
     torch.manual_seed(args.seed + 1)
     unet = M.make_unet()
     te = M.make_text_encoder(tokenizer)
@@ -402,37 +438,21 @@ def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, 
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = M.make_train_scheduler()
 
-    ck = ckdir / "unet.safetensors"
     done_path = ckdir / "unet_done.json"
-    step, elapsed, history = 0, 0.0, []
-    if ck.is_file():
-        tensors, meta = load_tensors(ck)
-        unet.load_state_dict(unprefixed(tensors, "unet."))
-        te.load_state_dict(unprefixed(tensors, "te."))
-        unet_ema.load_state_dict(unprefixed(tensors, "unet_ema."))
-        te_ema.load_state_dict(unprefixed(tensors, "te_ema."))
-        load_optimizer_tensors(opt, tensors, meta["param_groups"])
-        step, elapsed, history = meta["step"], meta["elapsed"], meta.get("history", [])
-        log(f"unet: resumed at step {step} ({elapsed:.0f}s so far)")
-    else:
+    phase = ResumablePhase("unet", ckdir / "unet.safetensors",
+                           {"unet.": unet, "te.": te, "unet_ema.": unet_ema, "te_ema.": te_ema}, opt,
+                           args.checkpoint_minutes, log)
+    if not phase.resumed:
         log(f"unet: {M.count_params(unet)} UNet + {M.count_params(te)} text-encoder parameters, "
             f"{args.unet_steps} steps, batch {args.batch_size}")
-    if done_path.is_file() and step >= args.unet_steps:
+    if done_path.is_file() and phase.step >= args.unet_steps:
         log("unet: already trained")
-        return unet_ema, te_ema, history, elapsed
+        return unet_ema, te_ema, phase.history, phase.elapsed
 
     mean, std = cache["mean"], cache["std"]
     specs = specs_from_labels(cache)
     n_data = mean.shape[0]
     scaling = cache_meta["scaling_factor"]
-
-    def save():
-        t, groups = optimizer_tensors(opt)
-        t.update(prefixed(unet.state_dict(), "unet."))
-        t.update(prefixed(te.state_dict(), "te."))
-        t.update(prefixed(unet_ema.state_dict(), "unet_ema."))
-        t.update(prefixed(te_ema.state_dict(), "te_ema."))
-        save_tensors_atomic(t, ck, {"step": step, "elapsed": elapsed, "param_groups": groups, "history": history})
 
     def quick_eval():
         vae_s = copy.deepcopy(vae)
@@ -445,15 +465,13 @@ def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, 
 
     unet.train()
     te.train()
-    t_start, t_ck = time.time(), time.time()
-    bar = tqdm(total=args.unet_steps, initial=step, desc="unet", dynamic_ncols=True)
     losses = []
-    try:
-        while step < args.unet_steps:
-            lr = cosine_lr(step, args.unet_steps, args.lr, args.warmup, args.decay_start)
+    with phase.running(args.unet_steps) as bar:
+        while phase.step < args.unet_steps:
+            lr = cosine_lr(phase.step, args.unet_steps, args.lr, args.warmup, args.decay_start)
             for g in opt.param_groups:
                 g["lr"] = lr
-            gen = step_generator(args.seed, 3, step)
+            gen = step_generator(args.seed, 3, phase.step)
             B = args.batch_size
             idx = torch.randint(0, n_data, (B,), generator=gen)
             z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
@@ -472,7 +490,8 @@ def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
+            phase.step += 1
+            step = phase.step
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
@@ -480,40 +499,39 @@ def train_unet(args, vae, cache, cache_meta, tokenizer, get_judge, ckdir: Path, 
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.1e}")
             if step % args.log_every == 0 or step == args.unet_steps:
-                now = elapsed + time.time() - t_start
+                now = phase.seconds()
                 log(f"unet step {step}/{args.unet_steps} loss {np.mean(losses):.4f} lr {lr:.2e} "
                     f"elapsed {now:.0f}s ({step / max(now, 1e-9):.2f} steps/s overall)")
                 losses = []
             if args.eval_every and step % args.eval_every == 0 and step < args.unet_steps and get_judge() is not None:
-                t_e = time.time()
-                res = quick_eval()
-                now = elapsed + t_e - t_start
-                history.append({"step": step, "train_seconds": round(now), **res})
+                now = phase.seconds()
+                with phase.paused():
+                    res = quick_eval()
+                phase.history.append({"step": step, "train_seconds": round(now), **res})
                 log(f"unet quick eval @ step {step} ({now / 60:.1f} min of UNet training, EMA weights): "
                     + format_scores(res))
-                t_start += time.time() - t_e  # evaluation time is not training time
-            if time.time() - t_ck > 60 * args.checkpoint_minutes:
-                elapsed += time.time() - t_start
-                t_start = time.time()
-                save()
-                t_ck = time.time()
-    except KeyboardInterrupt:
-        elapsed += time.time() - t_start
-        save()
-        bar.close()
-        log(f"unet: interrupted at step {step}; checkpoint saved to {ck}")
-        raise Interrupted
-    bar.close()
-    elapsed += time.time() - t_start
-    save()
+            phase.after_step()
+    step, elapsed = phase.step, phase.elapsed
     done_path.write_text(json.dumps({"steps": step, "seconds": elapsed}) + "\n")
     log(f"unet: done, {step} steps in {elapsed:.0f}s ({step / max(elapsed, 1e-9):.3f} steps/s)")
-    return unet_ema, te_ema, history, elapsed
+    return unet_ema, te_ema, phase.history, elapsed
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Phase 4: pipeline + evaluation
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def save_pipeline_atomic(pipe, out_dir: Path) -> int:
+    """`save_pretrained` into OUT.tmp, then swapped in (a crash never leaves half a pipeline); returns its bytes."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
 
 
 def save_pipeline(vae, te, tokenizer, unet, scaling: float, out_dir: Path, log: Logger) -> Path:
@@ -525,14 +543,7 @@ def save_pipeline(vae, te, tokenizer, unet, scaling: float, out_dir: Path, log: 
     # `StableDiffusionPipeline.from_pretrained(path)` then gives an all-float32 pipeline that runs on CPU.
     pipe.unet.to(torch.float16)
     pipe.vae.to(torch.float16)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    size = save_pipeline_atomic(pipe, out_dir)
     log(f"pipeline: saved to {out_dir} (UNet and VAE stored fp16, text encoder fp32; {size / 1e6:.2f} MB)")
     return out_dir
 

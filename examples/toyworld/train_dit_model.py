@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -150,47 +149,31 @@ class PromptEncoder:
 
 # ------------------------------------------------------------------------------------------------ training
 def train_dit(args, vae, cache, prompts_of, text, get_judge, ckdir: Path, log) -> tuple:
-    from tqdm.auto import tqdm
-
     torch.manual_seed(args.seed + 1)
     model = make_transformer(args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ck, done_path = ckdir / "dit.safetensors", ckdir / "dit_done.json"
-    step, elapsed, history = 0, 0.0, []
-    if ck.is_file():
-        tensors, meta = base.load_tensors(ck)
-        model.load_state_dict(base.unprefixed(tensors, "model."))
-        ema.load_state_dict(base.unprefixed(tensors, "ema."))
-        base.load_optimizer_tensors(opt, tensors, meta["param_groups"])
-        step, elapsed, history = meta["step"], meta["elapsed"], meta.get("history", [])
-        log(f"dit: resumed at step {step} ({elapsed:.0f}s so far)")
-    else:
+    done_path = ckdir / "dit_done.json"
+    phase = base.ResumablePhase("dit", ckdir / "dit.safetensors", {"model.": model, "ema.": ema}, opt,
+                                args.checkpoint_minutes, log)
+    if not phase.resumed:
         log(f"dit: {sum(p.numel() for p in params)} transformer parameters, {args.steps} steps, batch "
             f"{args.batch_size}")
-    if done_path.is_file() and step >= args.steps:
-        return ema, history, elapsed
+    if done_path.is_file() and phase.step >= args.steps:
+        return ema, phase.history, phase.elapsed
 
     mean, std = cache["mean"], cache["std"]
     scaling = vae.config.scaling_factor
 
-    def save():
-        tensors, groups = base.optimizer_tensors(opt)
-        tensors.update(base.prefixed(model.state_dict(), "model."))
-        tensors.update(base.prefixed(ema.state_dict(), "ema."))
-        base.save_tensors_atomic(tensors, ck, {"step": step, "elapsed": elapsed, "param_groups": groups,
-                                               "history": history})
-
     model.train()
-    t_start, t_ck, losses = time.time(), time.time(), []
-    bar = tqdm(total=args.steps, initial=step, desc="dit", dynamic_ncols=True)
-    try:
-        while step < args.steps:
-            lr = base.cosine_lr(step, args.steps, args.lr, args.warmup, args.decay_start)
+    losses = []
+    with phase.running(args.steps) as bar:
+        while phase.step < args.steps:
+            lr = base.cosine_lr(phase.step, args.steps, args.lr, args.warmup, args.decay_start)
             for group in opt.param_groups:
                 group["lr"] = lr
-            gen = base.step_generator(args.seed, 5, step)
+            gen = base.step_generator(args.seed, 5, phase.step)
             size = args.batch_size
             index = torch.randint(0, mean.shape[0], (size,), generator=gen)
             clean = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)) * scaling
@@ -207,7 +190,8 @@ def train_dit(args, vae, cache, prompts_of, text, get_judge, ckdir: Path, log) -
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
+            phase.step += 1
+            step = phase.step
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
@@ -215,49 +199,29 @@ def train_dit(args, vae, cache, prompts_of, text, get_judge, ckdir: Path, log) -
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.1e}")
             if step % args.log_every == 0 or step == args.steps:
-                now = elapsed + time.time() - t_start
-                log(f"dit step {step}/{args.steps} loss {np.mean(losses):.4f} lr {lr:.2e} elapsed {now:.0f}s")
+                log(f"dit step {step}/{args.steps} loss {np.mean(losses):.4f} lr {lr:.2e} "
+                    f"elapsed {phase.seconds():.0f}s")
                 losses = []
             if args.eval_every and step % args.eval_every == 0 and step < args.steps and get_judge() is not None:
-                t_eval = time.time()
-                pipe = build_pipeline(ema, vae, text.tokenizer, text.encoder)
-                result = evaluate_prompts(pipe, get_judge(), args.quick_eval_prompts, seed=4242,
-                                          guidance_scale=args.guidance[min(1, len(args.guidance) - 1)],
-                                          num_inference_steps=args.inference_steps)
-                history.append({"step": step, "train_seconds": round(elapsed + t_eval - t_start), **result})
+                now = phase.seconds()
+                with phase.paused():
+                    pipe = build_pipeline(ema, vae, text.tokenizer, text.encoder)
+                    result = evaluate_prompts(pipe, get_judge(), args.quick_eval_prompts, seed=4242,
+                                              guidance_scale=args.guidance[min(1, len(args.guidance) - 1)],
+                                              num_inference_steps=args.inference_steps)
+                phase.history.append({"step": step, "train_seconds": round(now), **result})
                 log(f"dit quick eval @ step {step} (EMA weights, 256 zero T5 tokens): " + format_scores(result))
-                t_start += time.time() - t_eval  # evaluation time is not training time
-            if time.time() - t_ck > 60 * args.checkpoint_minutes:
-                elapsed += time.time() - t_start
-                t_start = time.time()
-                save()
-                t_ck = time.time()
-    except KeyboardInterrupt:
-        elapsed += time.time() - t_start
-        save()
-        bar.close()
-        log(f"dit: interrupted at step {step}; checkpoint saved to {ck}")
-        raise base.Interrupted
-    bar.close()
-    elapsed += time.time() - t_start
-    save()
-    done_path.write_text(json.dumps({"steps": step, "seconds": elapsed}) + "\n")
-    log(f"dit: done, {step} steps in {elapsed:.0f}s")
-    return ema, history, elapsed
+            phase.after_step()
+    done_path.write_text(json.dumps({"steps": phase.step, "seconds": phase.elapsed}) + "\n")
+    log(f"dit: done, {phase.step} steps in {phase.elapsed:.0f}s")
+    return ema, phase.history, phase.elapsed
 
 
 def save_pipeline(pipe, out_dir: Path, log) -> Path:
     pipe = copy.deepcopy(pipe)
     pipe.transformer.to(torch.float16)  # fp16 storage of the big parts; diffusers loads float32 by default
     pipe.vae.to(torch.float16)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    size = base.save_pipeline_atomic(pipe, out_dir)
     log(f"pipeline: saved to {out_dir} ({size / 1e6:.2f} MB)")
     return out_dir
 

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,17 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_base_model import (  # noqa: E402
     Interrupted,
     Logger,
+    ResumablePhase,
     cosine_lr,
     denoising_loss,
     install_signal_handlers,
-    load_optimizer_tensors,
-    load_tensors,
-    optimizer_tensors,
-    prefixed,
     save_pipeline,
-    save_tensors_atomic,
     step_generator,
-    unprefixed,
 )
 
 from svdiff_adapter import toyworld as tw  # noqa: E402
@@ -122,61 +116,34 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = M.make_train_scheduler()
 
-    ck = ckdir / "model.safetensors"
-    step, elapsed = 0, 0.0
-    if ck.is_file():
-        tensors, meta = load_tensors(ck)
-        for module, prefix in ((unet, "unet."), (te, "te."), (unet_ema, "unet_ema."), (te_ema, "te_ema.")):
-            module.load_state_dict(unprefixed(tensors, prefix))
-        load_optimizer_tensors(opt, tensors, meta["param_groups"])
-        step, elapsed = meta["step"], meta["elapsed"]
-        log(f"resumed at step {step} ({elapsed:.0f}s so far)")
-
-    def save():
-        tensors, groups = optimizer_tensors(opt)
-        for module, prefix in ((unet, "unet."), (te, "te."), (unet_ema, "unet_ema."), (te_ema, "te_ema.")):
-            tensors.update(prefixed(module.state_dict(), prefix))
-        save_tensors_atomic(tensors, ck, {"step": step, "elapsed": elapsed, "param_groups": groups})
-
-    from tqdm.auto import tqdm
-
-    t_start, t_checkpoint, losses = time.time(), time.time(), []
-    bar = tqdm(total=args.steps, initial=step, desc="pairs", dynamic_ncols=True)
-    try:
-        while step < args.steps:
-            lr = cosine_lr(step, args.steps, args.lr, args.warmup, 0.5)
+    phase = ResumablePhase("pairs", ckdir / "model.safetensors",
+                           {"unet.": unet, "te.": te, "unet_ema.": unet_ema, "te_ema.": te_ema}, opt,
+                           args.checkpoint_minutes, log)
+    losses = []
+    with phase.running(args.steps) as bar:
+        while phase.step < args.steps:
+            lr = cosine_lr(phase.step, args.steps, args.lr, args.warmup, 0.5)
             for group in opt.param_groups:
                 group["lr"] = lr
-            gen = step_generator(args.seed, 5, step)
-            latents, ids = training_batch(args, vae, tokenizer, step, gen)
+            gen = step_generator(args.seed, 5, phase.step)
+            latents, ids = training_batch(args, vae, tokenizer, phase.step, gen)
             loss, per_sample = denoising_loss(unet, te, latents, ids, gen, sched, args.min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
+            phase.step += 1
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - args.ema)
             losses.append(per_sample.mean().item())
             bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                now = elapsed + time.time() - t_start
-                log(f"step {step}/{args.steps} loss {sum(losses) / len(losses):.4f} lr {lr:.2e} elapsed {now:.0f}s")
+            if phase.step % args.log_every == 0 or phase.step == args.steps:
+                log(f"step {phase.step}/{args.steps} loss {sum(losses) / len(losses):.4f} lr {lr:.2e} "
+                    f"elapsed {phase.seconds():.0f}s")
                 losses = []
-            if time.time() - t_checkpoint > 60 * args.checkpoint_minutes:
-                elapsed += time.time() - t_start
-                t_start = t_checkpoint = time.time()
-                save()
-    except KeyboardInterrupt:
-        elapsed += time.time() - t_start
-        save()
-        bar.close()
-        log(f"interrupted at step {step}; checkpoint saved to {ck}")
-        raise Interrupted
-    bar.close()
-    elapsed += time.time() - t_start
-    save()
-    log(f"trained {step} steps in {elapsed:.0f}s")
+            phase.after_step()
+    log(f"trained {phase.step} steps in {phase.elapsed:.0f}s")
+    elapsed = phase.elapsed
 
     pipe_dir = save_pipeline(vae, te_ema, tokenizer, unet_ema, vae.config.scaling_factor, out / "pipeline", log)
     (pipe_dir / "toyworld.json").write_text(json.dumps(tw.recommended_sampling(Path(args.init))) + "\n")
