@@ -66,6 +66,7 @@ class Variant:
     prior_contexts: str = "trained"  # which prior samples: see `prior_pool`
     step_scale: str = "uniform"  # make_optimizer's: "sigma" steps δᵢ relative to σᵢ
     denoiser_targets: Optional[str] = None  # a regex of the UNet modules to shift (None: all)
+    ema_decay: Optional[float] = None  # end with an EMA of the trained values (run.train)
     tag: str = ""  # names an ablation of the recipe; empty for a method at its defaults
 
     @property
@@ -94,7 +95,9 @@ ABLATIONS = (Variant(MethodSpec("spectral", 2e-2), prior_loss_weight=2.0, tag="p
              Variant(MethodSpec("spectral", 3e-2), step_scale="sigma", tag="sigma-step"),
              # Custom Diffusion's choice (Kumari et al., CVPR 2023, §3.1): in the UNet only the cross-attention keys
              # and values, the maps from text into the image, plus the text encoder.
-             Variant(MethodSpec("spectral", 2e-2), denoiser_targets=r".*attn2\.to_[kv]", tag="kv-only"))
+             Variant(MethodSpec("spectral", 2e-2), denoiser_targets=r".*attn2\.to_[kv]", tag="kv-only"),
+             # Polyak averaging: an EMA of δ (time constant 100 of the 600 steps) keeps what the steps agree on.
+             Variant(MethodSpec("spectral", 2e-2), ema_decay=0.99, tag="ema0.99"))
 PRIOR_POOL_SIZE = 50  # images per background of the class prompt, and ordinary prompts, in a prior pool
 
 
@@ -193,10 +196,10 @@ def run_one(out: Path, judge, subject: Subject, variant: Variant, seed: int, ste
               "method": variant.label, "slug": variant.slug, "seed": seed, "steps": steps,
               "prior_loss_weight": variant.prior_loss_weight, "weight_decay": variant.weight_decay,
               "step_scale": variant.step_scale, "denoiser_targets": variant.denoiser_targets,
-              "started": time.strftime("%Y-%m-%d %H:%M")}
+              "ema_decay": variant.ema_decay, "started": time.strftime("%Y-%m-%d %H:%M")}
     result.update(run.train(pipe, variant.spec, data, seed, steps, prior_loss_weight=variant.prior_loss_weight,
                             weight_decay=variant.weight_decay, step_scale=variant.step_scale,
-                            denoiser_targets=variant.denoiser_targets))
+                            denoiser_targets=variant.denoiser_targets, ema_decay=variant.ema_decay))
     result.update(evaluate(pipe, subject, judge))
     run.write_json(path, result)
 

@@ -35,6 +35,8 @@ _AT_LEAST = {
 }
 # Option → closed interval of allowed values.
 _BETWEEN = {"cutmix_prob": (0.0, 1.0), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}
+# Option → half-open interval [lowest, highest) (a decay of 1 would never move).
+_BELOW = {"ema_decay": (0.0, 1.0)}
 
 
 def check_train_arguments(args: argparse.Namespace) -> None:
@@ -51,6 +53,10 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not lowest <= value <= highest:
             raise ValueError(f"--{name} should be in [{lowest:g}, {highest:g}], got {value}.")
+    for name, (lowest, highest) in _BELOW.items():
+        value = getattr(args, name, None)
+        if value is not None and not lowest <= value < highest:
+            raise ValueError(f"--{name} should be in [{lowest:g}, {highest:g}), got {value}.")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -146,6 +152,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's β₂.")
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay.")
     optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's ε.")
+    optim.add_argument("--ema_decay", type=float, default=0.0,
+                       help="Keep an exponential moving average of δ with this decay (e.g. 0.99; 0: off) and save "
+                            "and validate with it instead of the last step's δ (docs/training.md, 'Moving average').")
     optim.add_argument("--shift_step_scale", type=str, default="uniform", choices=["uniform", "sigma"],
                        help="'sigma': each step of δᵢ is multiplied by σᵢ, so --learning_rate is a relative change "
                             "of the singular values (docs/training.md, 'Step scale').")

@@ -2,7 +2,8 @@
 
 Layout: ``output_dir/checkpoint-<step>/`` with ``shifts.safetensors`` (keys ``component.module.path``),
 ``optimizer.safetensors``, ``scheduler.safetensors``, ``rng.safetensors`` (`state_files`: tensors, and the rest of
-each state as JSON in the file's metadata) and ``state.json``. Nothing is unpickled, so resuming from a checkpoint
+each state as JSON in the file's metadata), ``state.json`` and, for runs with ``--ema_decay``, ``average.safetensors``
+(the moving average of δ, `ShiftAverage`, whose step count is ``average_steps`` in state.json). Nothing is unpickled, so resuming from a checkpoint
 made elsewhere cannot run code.
 
 A checkpoint is written into ``.checkpoint-<step>.tmp-<pid>``, flushed to disk and renamed into place, so a
@@ -28,13 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import process_alive
-from .optim import shift_parameters
+from .optim import ShiftAverage, shift_parameters
 from .state_files import StateFileError, load_state, save_state
 
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)-(\d+)$")
 STATE_FILES = ("optimizer.safetensors", "scheduler.safetensors", "rng.safetensors")
+AVERAGE_FILE = "average.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -77,8 +79,10 @@ def _flush(path: Path) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, models: Mapping[str, nn.Module], adapter_name: str,
-                    optimizer, lr_scheduler, extra: Optional[dict] = None, total_limit: Optional[int] = None) -> Path:
-    """Write ``checkpoint-<step>`` (replacing one of the same step); keep at most `total_limit` checkpoints.
+                    optimizer, lr_scheduler, extra: Optional[dict] = None, total_limit: Optional[int] = None,
+                    average: Optional[ShiftAverage] = None) -> Path:
+    """Write ``checkpoint-<step>`` (replacing one of the same step) with the run's moving average of δ if it keeps
+    one; keep at most `total_limit` checkpoints.
 
     On an error or an interruption while writing, the temporary folder is removed and an existing checkpoint of
     the same step is kept.
@@ -94,7 +98,11 @@ def save_checkpoint(output_dir: str, step: int, models: Mapping[str, nn.Module],
         save_state(optimizer.state_dict(), temporary / "optimizer.safetensors")
         save_state(lr_scheduler.state_dict(), temporary / "scheduler.safetensors")
         save_state(rng_state(), temporary / "rng.safetensors")
-        (temporary / "state.json").write_text(json.dumps({"global_step": step, **(extra or {})}, indent=2))
+        state = {"global_step": step, **(extra or {})}
+        if average is not None:
+            save_file(average.state(), temporary / AVERAGE_FILE)
+            state["average_steps"] = average.steps
+        (temporary / "state.json").write_text(json.dumps(state, indent=2))
         for path in temporary.iterdir():
             _flush(path)
         _flush(temporary)
@@ -200,8 +208,9 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], list]:
 
 
 def load_checkpoint(path, models: Mapping[str, nn.Module], adapter_name: str, optimizer, lr_scheduler,
-                    restore_rng: bool = True) -> dict:
-    """Restore δ (in place), optimizer, scheduler and RNG from a checkpoint; returns its state.json.
+                    restore_rng: bool = True, average: Optional[ShiftAverage] = None) -> dict:
+    """Restore δ (in place), optimizer, scheduler, RNG and the moving average of δ (a run with one resumes only from
+    a checkpoint with one, and the other way round) from a checkpoint; returns its state.json.
 
     Every file is read and checked first: a checkpoint that cannot be used raises `CheckpointError` naming it and
     the file, with δ left as it was.
@@ -219,6 +228,7 @@ def load_checkpoint(path, models: Mapping[str, nn.Module], adapter_name: str, op
     if wrong:
         raise CheckpointError(f"Checkpoint {str(path)!r} has shifts of other sizes than this run's (e.g. {wrong[0]}: "
                               f"{tuple(saved[wrong[0]].shape)}, expected {tuple(parameters[wrong[0]].shape)}).")
+    saved_average = _read_average(path, state, average, parameters)
     try:  # torch checks the parameter groups and their sizes before it changes anything
         optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(scheduler_state)
@@ -228,6 +238,30 @@ def load_checkpoint(path, models: Mapping[str, nn.Module], adapter_name: str, op
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(saved[name].to(parameter.device, parameter.dtype))
+    if average is not None:
+        average.load_state(saved_average, state["average_steps"])
     if restore_rng:
         set_rng_state(rng)
     return state
+
+
+def _read_average(path: Path, state: dict, average: Optional[ShiftAverage], parameters: Mapping[str, nn.Parameter]):
+    """The checkpoint's moving average of δ, checked against the run's (None when neither has one)."""
+    has_average = (path / AVERAGE_FILE).is_file()
+    if has_average != (average is not None):
+        held = "holds a" if has_average else "holds no"
+        raise CheckpointError(f"Checkpoint {str(path)!r} {held} moving average of δ (--ema_decay) and this run "
+                              f"{'does not keep one' if has_average else 'keeps one'}: resume with the same "
+                              "--ema_decay setting, or start a new run.")
+    if average is None:
+        return None
+    try:
+        saved = load_file(path / AVERAGE_FILE)
+    except Exception as error:
+        raise CheckpointError(f"Cannot resume from checkpoint {str(path)!r}: {AVERAGE_FILE} is damaged or truncated "
+                              f"({error}).") from error
+    if set(saved) != set(parameters) or any(saved[n].shape != p.shape for n, p in parameters.items()) or \
+            not isinstance(state.get("average_steps"), int):
+        raise CheckpointError(f"Cannot resume from checkpoint {str(path)!r}: its {AVERAGE_FILE} does not match this "
+                              "run's shifts, or state.json lacks average_steps.")
+    return saved

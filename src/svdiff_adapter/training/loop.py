@@ -25,7 +25,7 @@ from .images import ImageTransform, load_images
 from .flow import flow_matching_loss
 from .joint_attention import install_joint_attention_recorders
 from .loss import training_loss
-from .optim import make_optimizer, trainable_parameters
+from .optim import ShiftAverage, make_optimizer, shift_parameters, trainable_parameters
 from .publish import push_output, run_validation
 from .sharding import (
     accelerate_without_fsdp,
@@ -222,9 +222,13 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
         return training_loss(denoiser, frozen, batch, generator, prior_loss_weight=args.prior_loss_weight,
                              unmix_weight=args.unmix_weight, store=store, train_text_encoder=args.train_text_encoder)
 
+    average = None
+    if args.ema_decay > 0:
+        named = [pair for group in shift_parameters(models, name).values() for pair in group]
+        average = ShiftAverage(named, args.ema_decay)
     global_step = 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, models, name, optimizer, lr_scheduler)
+        state = load_checkpoint(checkpoint, models, name, optimizer, lr_scheduler, average=average)
         global_step = int(state["global_step"])
         accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
 
@@ -236,7 +240,8 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             path = save_checkpoint(args.output_dir, step, models, name, optimizer, lr_scheduler,
-                                   extra={"seed": args.seed}, total_limit=args.checkpoints_total_limit)
+                                   extra={"seed": args.seed}, total_limit=args.checkpoints_total_limit,
+                                   average=average)
             logger.info("Saved %s", path)
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
@@ -267,6 +272,8 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
                         optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
+                        if average is not None and accelerator.sync_gradients:
+                            average.update()
                     for key, value in parts.items():
                         parts_sum[key] = parts_sum.get(key, 0.0) + value / accumulation
                 global_step += 1
@@ -279,8 +286,9 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
                     checkpoint_now(global_step)
                 if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
                     if accelerator.is_main_process or sharded:  # sharded: every process runs the models
-                        run_validation(args, accelerator, models, frozen, global_step,
-                                       save=accelerator.is_main_process)
+                        with average.applied() if average is not None else contextlib.nullcontext():
+                            run_validation(args, accelerator, models, frozen, global_step,
+                                           save=accelerator.is_main_process)
                     if sharded:
                         release_inference_weights(models)
                 if step_callback is not None:
@@ -293,12 +301,14 @@ def train(args: argparse.Namespace, step_callback: Optional[Callable[[int, dict]
             if accelerator.is_main_process:
                 saved = save_checkpoint(args.output_dir, global_step, models, name, optimizer, lr_scheduler,
                                         extra={"seed": args.seed, "interrupted": True},
-                                        total_limit=args.checkpoints_total_limit)
+                                        total_limit=args.checkpoints_total_limit, average=average)
         accelerator.end_training()
         raise TrainingInterrupted(saved, global_step) from error
     progress.close()
 
     accelerator.wait_for_everyone()
+    if average is not None:
+        average.copy_to_parameters()  # the run's result is the average (the models returned hold it too)
     weights_path = Path(args.output_dir) / DEFAULT_WEIGHT_NAME
     if accelerator.is_main_process:
         save_spectral_shift(weights_path, models, name,

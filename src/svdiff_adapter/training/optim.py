@@ -8,7 +8,8 @@ the singular values, the same for every matrix and every model, and small singul
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import contextlib
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -99,3 +100,56 @@ def scale_steps(optimizer: torch.optim.Optimizer, scales: Mapping[nn.Parameter, 
 def trainable_parameters(optimizer: torch.optim.Optimizer) -> Iterable[nn.Parameter]:
     for group in optimizer.param_groups:
         yield from group["params"]
+
+
+class ShiftAverage:
+    """An exponential moving average of the trained shifts (Polyak averaging), which the run saves and validates
+    with instead of the last step's δ.
+
+    After the n-th optimizer step, avg ← avg + (1 − d)·(δ − avg) with d = min(decay, (1 + n) / (10 + n)) — the
+    warm-up of diffusers' `EMAModel` (diffusers 0.42, training_utils.py), so the early average does not stay near
+    the initial δ = 0. Keys are the checkpoint's (`component.module.path`, `shift_parameters`).
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"The EMA decay must be in (0, 1), not {decay!r}.")
+        named = list(named_parameters)
+        self.names = [name for name, _ in named]
+        self.parameters = [parameter for _, parameter in named]
+        self.decay = decay
+        self.steps = 0
+        self.averages = [parameter.detach().clone() for parameter in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.averages, [p.detach() for p in self.parameters], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        """Put the average into the shifts (the end of a run)."""
+        for parameter, average in zip(self.parameters, self.averages):
+            parameter.copy_(average)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The average in the shifts inside (validation), the trained values back afterwards."""
+        trained = [parameter.detach().clone() for parameter in self.parameters]
+        self.copy_to_parameters()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, trained):
+                    parameter.copy_(value)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: average.float().cpu().contiguous() for name, average in zip(self.names, self.averages)}
+
+    @torch.no_grad()
+    def load_state(self, tensors: Mapping[str, torch.Tensor], steps: int) -> None:
+        for name, average in zip(self.names, self.averages):
+            average.copy_(tensors[name].to(average.device, average.dtype))
+        self.steps = steps
