@@ -1,6 +1,7 @@
 """CoSINE editing on flow-matching transformer pipelines (SD3, Flux.1), tiny random models: Euler sampling against
 the diffusers pipelines' own sampler, inversion followed by sampling, the η-like sampler, the end-to-end edit."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -120,10 +121,15 @@ def test_edit_image_fine_tunes_the_transformer_and_leaves_the_pipeline_as_it_was
     assert not sa.loaders.spectral_adapter_names(pipe.transformer)
     after = pipe.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    # The saved shift reproduces the edit when given back instead of fine-tuning.
+    # The saved shift reproduces the edit when given back instead of fine-tuning. Not always bit for bit: loading it
+    # computes the SVD again, and LAPACK's last bits depend on memory alignment on some CPUs (seen on AMD EPYC: one
+    # pixel value one level off), so the images may differ by rounding — a wrong or missing shift changes them by far
+    # more (the edit itself differs from the source by tens of levels).
     again = edit_image(pipe, image, None, ["a photo of a dog"], shift=result.files["shift"], num_inference_steps=3,
                        guidance_scale=2.0, seed=0, resolution=32, progress=False)
-    assert again.images[0].tobytes() == result.images[0].tobytes()
+    reproduced, edited = (np.asarray(i, dtype=np.int16) for i in (again.images[0], result.images[0]))
+    assert np.abs(reproduced - edited).max() <= 2 and (reproduced != edited).mean() < 0.01
+    assert np.abs(edited - np.asarray(result.source, dtype=np.int16)).mean() > 10
 
 
 def test_encode_image_applies_the_vae_shift_factor():
