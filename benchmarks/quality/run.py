@@ -42,6 +42,7 @@ from svdiff_adapter.training.flow import flow_frozen, flow_matching_loss  # noqa
 from svdiff_adapter.training.joint_attention import install_joint_attention_recorders  # noqa: E402
 from svdiff_adapter.training.data import DreamBoothData  # noqa: E402
 from svdiff_adapter.training.images import ImageTransform, load_images  # noqa: E402
+from svdiff_adapter.training.optim import ShiftAverage  # noqa: E402
 from svdiff_adapter.training.loss import Frozen, training_loss  # noqa: E402
 from svdiff_adapter.training.prior import ensure_class_images  # noqa: E402
 from svdiff_adapter.training.subjects import Subject as TrainingSubject  # noqa: E402
@@ -89,10 +90,10 @@ def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_wei
           denoiser_targets: Optional[str] = None, ema_decay: Optional[float] = None) -> dict:
     """Train `spec` on batches `data.sample(BATCH, generator)`; `unmix_weight` > 0 adds the unmix regularisation
     on the batches' Cut-Mix samples; `prior_loss_weight` is λ, `weight_decay` AdamW's; `step_scale` and
-    `denoiser_targets` as `methods.prepare` takes them; `ema_decay` keeps an exponential moving average of the
-    trained values (warmed up as min(decay, (1 + step) / (10 + step))) and ends with it instead of the last step."""
+    `denoiser_targets` as `methods.prepare` takes them; `ema_decay` ends with the trainer's moving average of the
+    trained values (`ShiftAverage`, as `--ema_decay`) instead of the last step."""
     prepared = prepare(spec, pipe, weight_decay=weight_decay, step_scale=step_scale, denoiser_targets=denoiser_targets)
-    averages = [p.detach().clone() for p in prepared.parameters] if ema_decay else None
+    average = ShiftAverage(enumerate(prepared.parameters), ema_decay) if ema_decay else None
     name, denoiser = denoiser_of(pipe)
     family = flow_family(pipe)
     store = CrossAttentionStore() if unmix_weight > 0 else None
@@ -126,9 +127,8 @@ def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_wei
         torch.nn.utils.clip_grad_norm_(prepared.parameters, 1.0)
         prepared.optimizer.step()
         prepared.optimizer.zero_grad(set_to_none=True)
-        if averages is not None:
-            weight = 1 - min(ema_decay, (2 + step) / (11 + step))
-            torch._foreach_lerp_(averages, [p.detach() for p in prepared.parameters], weight)
+        if average is not None:
+            average.update()
         losses.append(parts["loss"])
         if "unmix_loss" in parts:
             unmix_losses.append(parts["unmix_loss"])
@@ -137,9 +137,8 @@ def train(pipe, spec: MethodSpec, data, seed: int, steps: int = STEPS, unmix_wei
         encoder.eval()
     for parameter in prepared.parameters:
         parameter.requires_grad_(False)
-    if averages is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(prepared.parameters, averages)
+    if average is not None:
+        average.copy_to_parameters()
     result = {"train_seconds": round(time.time() - started, 1), "trainable_parameters": prepared.trainable_parameters,
               "final_loss": sum(losses[-50:]) / len(losses[-50:])}
     if unmix_losses:  # the unmix term over the Cut-Mix steps: first and last tenth
